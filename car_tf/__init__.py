@@ -1,0 +1,1 @@
+"""car_tf: long-tailed image recognition in TensorFlow / Keras."""
