@@ -1,1 +1,14 @@
-"""car_tf: long-tailed image recognition in TensorFlow / Keras."""
+"""car_tf: long-tailed image recognition in TensorFlow / Keras.
+
+The public entry points for use in your own Keras code::
+
+    loss = car_tf.CARLoss(class_counts, base="ce", spec_lambda=0.3)
+    model.compile(optimizer, loss=loss)
+    model.fit(ds, callbacks=[car_tf.CARCallback(loss)])
+"""
+
+from car_tf.car_callback import CARCallback
+from car_tf.car_state import CARState, attach_car_state
+from car_tf.losses.car_loss import CARLoss
+
+__all__ = ["CARCallback", "CARLoss", "CARState", "attach_car_state"]

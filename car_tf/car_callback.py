@@ -1,0 +1,82 @@
+"""CARCallback: owns CARLoss's state on the model, logs the penalty, optionally ramps lambda."""
+
+import keras
+import tensorflow as tf
+
+from car_tf.car_state import attach_car_state
+from car_tf.losses.car_loss import CARLoss
+
+
+class CARCallback(keras.callbacks.Callback):
+    """Lifecycle of a CARLoss inside ``model.fit``.
+
+    * ``set_model`` (before Keras traces the train step) attaches the loss's state to the model as
+      ``model.car_state``, so checkpoints, ModelCheckpoint and BackupAndRestore save the EMA.
+    * Each epoch adds ``car_spectral_norm`` (mean sigma_max over the epoch's steps) and
+      ``car_penalty`` (lambda times it) to the logs History and TensorBoard see; place this callback
+      before TensorBoard in the list, or give ``tensorboard_dir`` to write them here.
+    * During validation and ``model.evaluate(..., callbacks=[it])`` the EMA is left unchanged.
+    * ``lambda_warmup_epochs`` > 0 ramps lambda linearly from 0 to its target over those epochs
+      (the released code uses no ramp). The ramp depends only on the epoch number, so a resumed run
+      continues it correctly.
+
+    Args:
+        loss: the CARLoss given to ``compile``; found in ``model.loss`` when omitted.
+        lambda_warmup_epochs: epochs of linear lambda ramp-up.
+        tensorboard_dir: where to write the two scalars as TensorBoard summaries (optional).
+    """
+
+    def __init__(self, loss=None, lambda_warmup_epochs=0, tensorboard_dir=None):
+        super().__init__()
+        self.loss = loss
+        self.lambda_warmup_epochs = int(lambda_warmup_epochs)
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        if self.loss is None:
+            self.loss = find_car_loss(model)
+        attach_car_state(model, self.loss)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        state = self.loss.state
+        state.reset_epoch_statistics()
+        target = self.loss.spec_lambda
+        if self.lambda_warmup_epochs > 0:
+            target *= min(1.0, epoch / self.lambda_warmup_epochs)
+        state.spec_lambda.assign(target)
+
+    def on_test_begin(self, logs=None):
+        self.loss.state.updating.assign(0.0)
+
+    def on_test_end(self, logs=None):
+        self.loss.state.updating.assign(1.0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.loss.state
+        sigma = state.mean_sigma()
+        values = {
+            "car_spectral_norm": sigma,
+            "car_penalty": float(state.spec_lambda.numpy()) * sigma,
+        }
+        if logs is not None:
+            logs.update(values)
+        if self.tensorboard_dir:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
+            with self._writer.as_default():
+                for key, value in values.items():
+                    tf.summary.scalar(key, value, step=epoch)
+            self._writer.flush()
+
+
+def find_car_loss(model):
+    """The CARLoss ``model`` was compiled with, or a clear error."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, CARLoss):
+        return loss
+    raise ValueError(
+        "CARCallback found no CARLoss in model.loss; compile the model with car_tf.CARLoss(...) "
+        "or pass the loss to CARCallback(loss)."
+    )

@@ -1,0 +1,105 @@
+"""CAR's differentiable confusion surrogate, frequency weights and EMA (SPEC.md section 1).
+
+Pure functions of tensors; the state that carries the EMA across steps lives in ``car_state.py``.
+Conventions: rows are predicted classes i, columns are true classes j, the diagonal is zero.
+
+Soft labels (ConCutMix's mixed labels) are handled by fractional membership: a sample whose label
+row is y counts toward each of its ``label_classes`` heaviest classes j with weight y_j. Column j of
+the batch confusion is then the y_j-weighted sum of those samples' contributions divided by
+max(1, sum of y_j), which reduces to the released code's mean over the members of class j for
+one-hot labels.
+"""
+
+from keras import ops
+
+
+def label_memberships(y_true, num_classes, label_classes=2):
+    """Returns (class ids [B, m], weights [B, m]) for int labels [B]/[B, 1] or soft labels [B, K]."""
+    y_true = ops.convert_to_tensor(y_true)
+    is_soft = len(y_true.shape) == 2 and y_true.shape[-1] == num_classes and num_classes > 1
+    if not is_soft:
+        ids = ops.reshape(ops.cast(y_true, "int32"), (-1, 1))
+        return ids, ops.ones(ops.shape(ids), "float32")
+    soft = ops.cast(y_true, "float32")
+    weights, ids = ops.top_k(soft, k=min(label_classes, num_classes))
+    return ops.cast(ids, "int32"), weights
+
+
+def confusion_terms(
+    logits,
+    y_true,
+    temperature=1.0,
+    margin=0.0,
+    differentiable_gate=False,
+    label_classes=2,
+):
+    """Unnormalised batch confusion: (numerator [K, K], class mass in the batch [K]).
+
+    contrib[q, i] = gate(f_i - f_j + margin) * softmax(f / temperature)_i for i != j, with the
+    sigmoid gate under stop-gradient unless ``differentiable_gate``. Keeping numerator and mass apart
+    lets replicas all-reduce both before dividing.
+    """
+    logits = ops.cast(logits, "float32")
+    num_classes = logits.shape[-1]
+    ids, weights = label_memberships(y_true, num_classes, label_classes)
+    true_logit = ops.take_along_axis(logits, ids, axis=1)  # [B, m]
+    gate = ops.sigmoid(logits[:, None, :] - true_logit[:, :, None] + margin)  # [B, m, K]
+    if not differentiable_gate:
+        gate = ops.stop_gradient(gate)
+    probs = ops.softmax(logits / temperature, axis=-1)[:, None, :]
+    off_true = 1.0 - ops.one_hot(ids, num_classes, dtype="float32")
+    contrib = gate * probs * off_true * weights[:, :, None]  # [B, m, K]
+    flat_ids = ops.reshape(ids, (-1,))
+    by_true_class = ops.segment_sum(
+        ops.reshape(contrib, (-1, num_classes)), flat_ids, num_segments=num_classes
+    )  # [K (true j), K (predicted i)]
+    mass = ops.segment_sum(ops.reshape(weights, (-1,)), flat_ids, num_segments=num_classes)
+    return ops.transpose(by_true_class), mass
+
+
+def normalize_confusion(numerator, mass):
+    """C_t[i, j] = numerator[i, j] / max(1, mass_j)."""
+    return numerator / ops.maximum(mass, 1.0)[None, :]
+
+
+def batch_confusion(logits, y_true, **kwargs):
+    """The batch surrogate C_t of SPEC.md section 1 on one device (keyword options as in confusion_terms)."""
+    return normalize_confusion(*confusion_terms(logits, y_true, **kwargs))
+
+
+def frequency_weights(class_counts, r0=0.2, count_based=False):
+    """w_j = 1 / sqrt(m_j + r0), mean-normalised and clamped at 1e-3.
+
+    m_j = n_j / N (released code) or, with ``count_based``, m_j = n_j (about 10x more spread).
+    """
+    counts = ops.cast(ops.convert_to_tensor(class_counts), "float32")
+    m = counts if count_based else counts / ops.sum(counts)
+    w = 1.0 / ops.sqrt(m + r0)
+    return ops.maximum(w / ops.mean(w), 1e-3)
+
+
+def ema_update(previous, current, beta, initialized=True):
+    """Cbar_t = beta * sg(Cbar_{t-1}) + (1 - beta) * C_t; gradient flows only through C_t.
+
+    ``initialized`` False (a bool or 0/1 tensor) means ``previous`` holds no history yet: the step then
+    returns sg(C_t), as the released code's first step does. The paper's Cbar_0 = 0 is
+    ``previous = 0, initialized = True``.
+    """
+    blended = beta * ops.stop_gradient(previous) + (1.0 - beta) * current
+    return ops.where(ops.cast(initialized, "bool"), blended, ops.stop_gradient(current))
+
+
+def weighted_confusion(ema, weights):
+    """A = Cbar diag(w): column j scaled by w_j."""
+    return ema * weights[None, :]
+
+
+__all__ = [
+    "batch_confusion",
+    "confusion_terms",
+    "ema_update",
+    "frequency_weights",
+    "label_memberships",
+    "normalize_confusion",
+    "weighted_confusion",
+]

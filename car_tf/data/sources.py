@@ -1,0 +1,285 @@
+"""Labelled image sources: split lists, image folders, CIFAR trees and tarballs, TFDS."""
+import dataclasses
+import hashlib
+import os
+import pathlib
+import tarfile
+import tempfile
+
+import numpy as np
+
+from car_tf.data import longtail
+
+DATA_DIR_ENV = "CAR_TF_DATA_DIR"
+CACHE_DIR_ENV = "CAR_TF_CACHE_DIR"
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+CIFAR = ("cifar10", "cifar100")
+# Already long-tailed benchmarks read from split lists: classes and default list file names.
+LIST_BENCHMARKS = {
+    "imagenet_lt": (1000, "ImageNet_LT_train.txt", "ImageNet_LT_test.txt"),
+    "places_lt": (365, "Places_LT_train.txt", "Places_LT_test.txt"),
+    "inat2018": (8142, "iNaturalist18_train.txt", "iNaturalist18_val.txt"),
+}
+DATASETS = CIFAR + tuple(LIST_BENCHMARKS) + ("folder", "list")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LabeledData:
+    """Images (uint8 [N, H, W, 3] in memory) or absolute file paths, with int32 labels."""
+
+    labels: np.ndarray
+    class_names: list
+    images: np.ndarray | None = None
+    paths: np.ndarray | None = None
+
+    def __post_init__(self):
+        if (self.images is None) == (self.paths is None):
+            raise ValueError("LabeledData needs exactly one of images= or paths=; pass one of them.")
+        labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "class_names", [str(n) for n in self.class_names])
+        if self.paths is not None:
+            object.__setattr__(self, "paths", np.asarray(self.paths, dtype=str).reshape(-1))
+        else:
+            images = np.asarray(self.images)
+            if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+                raise ValueError(
+                    f"In-memory images must be uint8 [N, H, W, 3], got {images.dtype} "
+                    f"{list(images.shape)}; convert them before building LabeledData."
+                )
+            object.__setattr__(self, "images", images)
+        n = len(self.paths) if self.paths is not None else len(self.images)
+        if n != labels.size:
+            raise ValueError(f"Got {n} images but {labels.size} labels; pass one label per image.")
+        longtail.class_counts(labels, self.num_classes)  # validates the label range
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def size(self):
+        return int(self.labels.size)
+
+    def counts(self):
+        """Number of images of each class, int64 [num_classes]."""
+        return longtail.class_counts(self.labels, self.num_classes)
+
+    def subset(self, indices):
+        """The images at ``indices``, same classes."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return LabeledData(
+            labels=self.labels[indices],
+            class_names=self.class_names,
+            images=None if self.images is None else self.images[indices],
+            paths=None if self.paths is None else self.paths[indices],
+        )
+
+
+def read_split_list(list_file, image_root, num_classes=None):
+    """Reads a ``relative/path label`` list (ImageNet-LT, Places-LT, iNaturalist format).
+
+    Paths become absolute under image_root (which need not exist yet). num_classes defaults to the
+    largest label + 1. Class names are the folders holding each class's first image when those are
+    distinct (ImageNet wnids, Places scene names, iNat ids), else the label ids as strings.
+    """
+    list_file = pathlib.Path(list_file)
+    if not list_file.is_file():
+        raise FileNotFoundError(f"Split list {list_file} does not exist; check --train_list / --test_list.")
+    rel_paths, labels = [], []
+    with open(list_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            parts = line.rsplit(None, 1)
+            if not parts:
+                continue
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                labels.append(int(parts[1]))
+            except ValueError:
+                raise ValueError(
+                    f"{list_file}, line {number}: expected 'relative/path label', got {line.strip()!r}; "
+                    "fix or delete that line."
+                ) from None
+            rel_paths.append(parts[0])
+    if not labels:
+        raise ValueError(f"Split list {list_file} holds no images; point to a non-empty list.")
+    labels = np.asarray(labels, dtype=np.int64)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"{list_file}, line {bad[0] + 1}: label {labels[bad[0]]} is outside [0, {num_classes}); "
+            "fix the list or the number of classes."
+        )
+    root = os.path.abspath(image_root) + os.sep
+    paths = np.char.add(root, np.asarray(rel_paths, dtype=str))
+    return LabeledData(
+        labels=labels, paths=paths, class_names=_names_from_folders(rel_paths, labels, num_classes)
+    )
+
+
+def _names_from_folders(rel_paths, labels, num_classes):
+    present, first = np.unique(labels, return_index=True)
+    names = [str(c) for c in range(num_classes)]
+    folders = [os.path.basename(os.path.dirname(rel_paths[i])) for i in first]
+    if all(folders) and len(set(folders)) == len(folders):
+        for c, folder in zip(present, folders):
+            names[c] = folder
+    return names
+
+
+def read_image_folder(root):
+    """Class-per-folder tree: sorted folder names are the label ids, files in file-name order."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist; check --data_dir.")
+    class_dirs = sorted(p for p in os.scandir(root) if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"Image folder {root} has no class sub-folders; use root/<class>/<image> layout.")
+    paths, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(
+            e.path for e in os.scandir(class_dir)
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise ValueError(f"Image folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    return LabeledData(
+        labels=labels, paths=[os.path.abspath(p) for p in paths], class_names=[d.name for d in class_dirs]
+    )
+
+
+def load_tfds(name, split, data_dir=None):
+    """Loads a TFDS image classification split into memory (downloads it when absent)."""
+    import tensorflow_datasets as tfds
+
+    (images, labels), info = tfds.load(
+        name, split=split, data_dir=data_dir, batch_size=-1, as_supervised=True, with_info=True
+    )
+    images = np.asarray(images)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return LabeledData(
+        images=images.astype(np.uint8), labels=np.asarray(labels), class_names=info.features["label"].names
+    )
+
+
+def load_dataset(
+    name,
+    split,
+    *,
+    data_dir=None,
+    train_list=None,
+    test_list=None,
+    imbalance_factor=None,
+    profile="exp",
+):
+    """One split of a named data set as LabeledData.
+
+    cifar10 / cifar100: data_dir is an image-folder tree with train/ and test/, a .tar.gz of one,
+    or a folder holding ``<name>/`` or ``<name>-jpg.tar.gz``; None means $CAR_TF_DATA_DIR, else TFDS.
+    imagenet_lt / places_lt / inat2018 / list: data_dir is the image root of the split lists.
+    folder: data_dir holds train/ and test/ class-per-folder trees.
+    For cifar10, cifar100 and folder, split="train" with imbalance_factor keeps the first n_i images
+    of each class (exponential or step profile, n_max = the largest class); test stays balanced.
+    Every class of a training split must have at least one image.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; use one of {', '.join(DATASETS)}.")
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use 'train' or 'test'.")
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if name in CIFAR:
+        data = _load_cifar(name, split, data_dir)
+    elif name == "folder":
+        data = read_image_folder(_existing_dir(data_dir, name) / split)
+    else:
+        data = _load_list(name, split, data_dir, train_list, test_list)
+    if split == "train":
+        _check_every_class_present(data, name)
+        if imbalance_factor is not None and name in CIFAR + ("folder",):
+            counts = longtail.longtail_counts(data.counts().max(), data.num_classes, imbalance_factor, profile)
+            data = data.subset(longtail.subsample_longtail(data.labels, counts))
+    return data
+
+
+def _existing_dir(data_dir, name):
+    if data_dir is None:
+        raise ValueError(f"Dataset {name!r} needs its data folder: pass --data_dir or set ${DATA_DIR_ENV}.")
+    path = pathlib.Path(data_dir).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Data path {path} does not exist; check --data_dir or ${DATA_DIR_ENV}.")
+    return path
+
+
+def _load_cifar(name, split, data_dir):
+    if data_dir is None:
+        return load_tfds(name, split)
+    path = _existing_dir(data_dir, name)
+    for candidate in (path, path / name, path / f"{name}-jpg.tar.gz", path / f"{name}.tar.gz"):
+        if candidate.is_file() and candidate.name.endswith((".tar.gz", ".tgz")):
+            candidate = unpack_tarball(candidate)
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return read_image_folder(candidate / split)
+    raise ValueError(
+        f"{path} is neither an image-folder tree with train/ and test/ nor a .tar.gz of one; "
+        f"point --data_dir at the {name} tree or tarball."
+    )
+
+
+def unpack_tarball(tarball):
+    """Unpacks a .tar.gz once, next to it or else under ~/.cache/car_tf; returns the tree holding train/."""
+    tarball = pathlib.Path(tarball).resolve()
+    stem = tarball.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    key = hashlib.sha1(f"{tarball}:{tarball.stat().st_size}".encode()).hexdigest()[:10]
+    cache = pathlib.Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/car_tf")).expanduser()
+    for target in (tarball.parent / stem, cache / f"{stem}-{key}"):
+        if not target.is_dir():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent)
+            except OSError:
+                continue  # read-only location: try the next one
+            with tarfile.open(tarball) as tar:
+                tar.extractall(staging, filter="data")
+            try:
+                os.rename(staging, target)
+            except OSError:  # another process finished first; keep its copy
+                pass
+        trees = [p.parent for p in sorted(target.rglob("train")) if p.is_dir()]
+        if trees:
+            return trees[0]
+        raise ValueError(f"Tarball {tarball} has no train/ folder; pack an image-folder tree with train/ and test/.")
+    raise OSError(f"Cannot unpack {tarball}: neither its folder nor {cache} is writable; set ${CACHE_DIR_ENV}.")
+
+
+def _load_list(name, split, data_dir, train_list, test_list):
+    root = _existing_dir(data_dir, name)
+    if name == "list":
+        if train_list is None or (split == "test" and test_list is None):
+            raise ValueError("Dataset 'list' needs --train_list and --test_list; pass both list files.")
+        num_classes, default_train, default_test = None, None, None
+    else:
+        num_classes, default_train, default_test = LIST_BENCHMARKS[name]
+    train_list = pathlib.Path(train_list) if train_list else root / default_train
+    test_list = pathlib.Path(test_list) if test_list else root / default_test
+    train = read_split_list(train_list, root, num_classes)
+    if split == "train":
+        return train
+    test = read_split_list(test_list, root, train.num_classes)
+    return LabeledData(labels=test.labels, paths=test.paths, class_names=train.class_names)
+
+
+def _check_every_class_present(data, name):
+    empty = np.flatnonzero(data.counts() == 0)
+    if empty.size:
+        c = empty[0]
+        raise ValueError(
+            f"Class {c} ({data.class_names[c]!r}) of {name} has no training images; "
+            "add images for it or remove the class and renumber the labels."
+        )

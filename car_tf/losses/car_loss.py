@@ -1,0 +1,214 @@
+"""CARLoss: a base classification loss plus lambda * sigma_max(Cbar diag(w)) (SPEC.md section 1).
+
+Use it with CARCallback, which puts the loss's state (the EMA, the power-iteration vector, lambda)
+on the model so that checkpoints carry it::
+
+    loss = car_tf.CARLoss(class_counts, base="ce", spec_lambda=0.3)
+    model.compile(optimizer, loss=loss)
+    model.fit(ds, callbacks=[car_tf.CARCallback(loss)])
+
+Distribution: each replica computes its share of the batch confusion, the shares are summed
+across replicas (all-reduce) before normalising, and every replica then holds the same EMA and
+penalty. The penalty is added to every per-sample loss, so Keras's per-sample mean and its division
+by the replica count leave penalty / replicas per replica; the all-reduce's gradient sums the
+replicas' shares back to exactly d penalty / dC.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+from car_tf import confusion, spectral
+
+EMA_INITS = ("first_batch", "zeros")
+
+
+@keras.saving.register_keras_serializable(package="car_tf")
+class CARLoss(keras.losses.Loss):
+    """Confusion-Aware Spectral Regularizer added to a base loss.
+
+    Args:
+        class_counts: training images per class (length K, all positive).
+        base: name of a base loss ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax",
+            "decoupled_reg") or a keras Loss whose ``call`` returns per-sample losses.
+        base_kwargs: keyword arguments for a named base loss.
+        spec_lambda: weight lambda of the penalty (released default 0.3).
+        beta: EMA momentum (released code 0.9; the paper's setting 0.5).
+        r0: offset of the frequency weights w_j = 1 / sqrt(m_j + r0).
+        count_based_weights: m_j = n_j instead of n_j / N (more spread between head and tail).
+        temperature: tau of the softmax in the surrogate (``spec_temp``).
+        margin: gamma of the paper's gate sigmoid(gamma + f_i - f_j) (released code 0).
+        differentiable_gate: let gradient through the sigmoid gate (released code: no).
+        ema_init: "first_batch" (released code: Cbar_1 = sg(C_1)) or "zeros" (paper: Cbar_0 = 0).
+        spectral_method: "svd", "power" or "auto" (SVD up to ``svd_max_classes`` classes).
+        power_iterations: power-iteration rounds per step, warm-started from the previous step.
+        label_classes: for soft labels, how many of each row's heaviest classes it counts toward.
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        base="ce",
+        base_kwargs=None,
+        spec_lambda=0.3,
+        beta=0.9,
+        r0=0.2,
+        count_based_weights=False,
+        temperature=1.0,
+        margin=0.0,
+        differentiable_gate=False,
+        ema_init="first_batch",
+        spectral_method="auto",
+        svd_max_classes=1024,
+        power_iterations=4,
+        label_classes=2,
+        name="car_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        counts = np.asarray(class_counts, dtype=np.int64).reshape(-1)
+        if counts.size < 2 or np.any(counts <= 0):
+            bad = np.flatnonzero(counts <= 0).tolist()
+            raise ValueError(
+                f"class_counts must hold a positive training count for each of at least 2 classes, "
+                f"but classes {bad} have none; drop those classes or fix the counts."
+            )
+        if ema_init not in EMA_INITS:
+            raise ValueError(f"ema_init={ema_init!r} is not known; use one of {EMA_INITS}.")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta={beta} must lie in [0, 1); the released default is 0.9.")
+        self.class_counts = counts
+        self.num_classes = int(counts.size)
+        self.base_kwargs = dict(base_kwargs or {})
+        if isinstance(base, str):
+            from car_tf.losses.registry import get_base_loss  # registry imports every base loss
+
+            self.base_name = base
+            self.base = get_base_loss(base, counts, **self.base_kwargs)
+        else:
+            self.base_name = None
+            self.base = base
+        self.spec_lambda = float(spec_lambda)
+        self.beta = float(beta)
+        self.r0 = float(r0)
+        self.count_based_weights = bool(count_based_weights)
+        self.temperature = float(temperature)
+        self.margin = float(margin)
+        self.differentiable_gate = bool(differentiable_gate)
+        self.ema_init = ema_init
+        self.spectral_method = spectral.resolve_method(
+            spectral_method, self.num_classes, svd_max_classes
+        )
+        self.requested_spectral_method = spectral_method
+        self.svd_max_classes = int(svd_max_classes)
+        self.power_iterations = int(power_iterations)
+        self.label_classes = int(label_classes)
+        self.weights = np.asarray(
+            confusion.frequency_weights(counts, self.r0, self.count_based_weights), np.float32
+        )
+        self.state = None
+
+    def call(self, y_true, y_pred):
+        logits = ops.cast(y_pred, "float32")
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"the model outputs {logits.shape[-1]} logits but CARLoss has {self.num_classes} "
+                "class counts; pass one count per class of the model's output."
+            )
+        per_sample = ops.cast(self.base.call(y_true, logits), "float32")
+        if self.state is None and in_symbolic_scope():
+            return per_sample  # Keras's shape-only build pass under a strategy, before callbacks run
+        if self.state is None:
+            raise ValueError(
+                "CARLoss has no state on the model; pass car_tf.CARCallback(loss) to model.fit, "
+                "or call car_tf.attach_car_state(model, loss) before training."
+            )
+        sigma = self.penalty(logits, y_true)
+        return per_sample + self.state.spec_lambda * sigma
+
+    def penalty(self, logits, y_true):
+        """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect."""
+        state = self.state
+        numerator, mass = confusion.confusion_terms(
+            logits,
+            _checked_labels(y_true, self.num_classes),
+            temperature=self.temperature,
+            margin=self.margin,
+            differentiable_gate=self.differentiable_gate,
+            label_classes=self.label_classes,
+        )
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            numerator, mass = replica.all_reduce(tf.distribute.ReduceOp.SUM, [numerator, mass])
+        current = confusion.normalize_confusion(numerator, mass)
+        initialized = 1.0 if self.ema_init == "zeros" else state.initialized
+        updating = ops.cast(state.updating, "bool")
+        # Evaluation (updating = 0) scores the stored EMA and changes no state.
+        ema = ops.where(
+            updating,
+            confusion.ema_update(state.ema, current, self.beta, initialized),
+            ops.stop_gradient(state.ema),
+        )
+        a = confusion.weighted_confusion(ema, ops.convert_to_tensor(self.weights))
+        if self.spectral_method == "svd":
+            u, v = spectral.top_singular_vectors_svd(a)
+        else:
+            u, v = spectral.power_iteration(a, state.power_v, self.power_iterations)
+            state.power_v.assign(ops.where(updating, v, state.power_v))
+        sigma = spectral.spectral_norm(a, u, v)
+        sigma = tf.debugging.check_numerics(
+            sigma,
+            "CAR penalty is NaN or Inf; lower the learning rate or check the inputs and logits "
+            "for NaN",
+        )
+        step = ops.cast(updating, "float32")
+        state.ema.assign(ops.stop_gradient(ema))
+        state.initialized.assign(ops.maximum(state.initialized, step))
+        state.last_sigma.assign(ops.where(updating, ops.stop_gradient(sigma), state.last_sigma))
+        state.sigma_sum.assign_add(step * ops.stop_gradient(sigma))
+        state.sigma_count.assign_add(step)
+        return sigma
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            class_counts=self.class_counts.tolist(),
+            base=self.base_name or keras.saving.serialize_keras_object(self.base),
+            base_kwargs=self.base_kwargs,
+            spec_lambda=self.spec_lambda,
+            beta=self.beta,
+            r0=self.r0,
+            count_based_weights=self.count_based_weights,
+            temperature=self.temperature,
+            margin=self.margin,
+            differentiable_gate=self.differentiable_gate,
+            ema_init=self.ema_init,
+            spectral_method=self.requested_spectral_method,
+            svd_max_classes=self.svd_max_classes,
+            power_iterations=self.power_iterations,
+            label_classes=self.label_classes,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        if isinstance(config.get("base"), dict):
+            config = {**config, "base": keras.saving.deserialize_keras_object(config["base"])}
+        return cls(**config)
+
+
+def _checked_labels(y_true, num_classes):
+    """Fails with a clear message when an integer label is outside [0, K)."""
+    if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes:
+        return y_true
+    labels = ops.cast(y_true, "int32")
+    in_range = tf.reduce_all((labels >= 0) & (labels < num_classes))
+    tf.debugging.assert_equal(
+        in_range,
+        True,
+        message=f"a label lies outside [0, {num_classes}); check the data set's labels and "
+        "the number of classes.",
+    )
+    return labels

@@ -1,0 +1,68 @@
+"""Base losses by name, and the callbacks a loss needs during training.
+
+"decoupled_reg" gives the margin term only; the model also needs the uniformity and feature-norm
+terms from car_tf.regularizers.attach_decoupled_terms and a cosine classifier whose scale equals
+the loss's ``scale``.
+"""
+
+import inspect
+
+import keras
+
+from car_tf.losses.cross_entropy import CrossEntropy
+from car_tf.losses.decoupled_margin import DecoupledMarginLoss
+from car_tf.losses.ldam import DRWSchedule, LDAMLoss
+from car_tf.losses.logit_adjusted import LogitAdjustedLoss
+
+BASE_LOSSES = ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax", "decoupled_reg")
+
+# DRW starts at epoch 160 of 200 in the CIFAR-LT recipe; other run lengths keep the fraction.
+DRW_START_FRACTION = 0.8
+
+
+def _build(cls, fixed, kwargs):
+    """cls(**fixed, **kwargs), with unknown or fixed keyword names reported as a ValueError."""
+    accepted = [
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "kwargs", "class_counts") and name not in fixed
+        and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} does not take {unknown}; its options are {accepted}."
+        )
+    return cls(**fixed, **kwargs)
+
+
+def get_base_loss(name, class_counts, **kwargs):
+    """The base loss called ``name`` (one of BASE_LOSSES), built with ``kwargs``.
+
+    "balanced_softmax" is LogitAdjustedLoss with tau fixed at 1; "ce" and "decoupled_reg" ignore
+    class_counts.
+    """
+    if name == "ce":
+        return _build(CrossEntropy, {}, kwargs)
+    if name == "ldam_drw":
+        return _build(LDAMLoss, {"class_counts": class_counts}, kwargs)
+    if name == "logit_adjusted":
+        return _build(LogitAdjustedLoss, {"class_counts": class_counts}, kwargs)
+    if name == "balanced_softmax":
+        return _build(LogitAdjustedLoss, {"class_counts": class_counts, "tau": 1.0}, kwargs)
+    if name == "decoupled_reg":
+        return _build(DecoupledMarginLoss, {}, kwargs)
+    raise ValueError(f"base loss {name!r} is not known; use one of {BASE_LOSSES}.")
+
+
+def callbacks_for_loss(loss, epochs):
+    """Callbacks ``loss`` needs in a run of ``epochs`` epochs (DRW for LDAM; else none).
+
+    A wrapper holding its base loss as ``.base`` (CARLoss) is looked through.
+    """
+    base = getattr(loss, "base", None)
+    if isinstance(base, keras.losses.Loss):
+        loss = base
+    if isinstance(loss, LDAMLoss):
+        return [DRWSchedule(loss, start_epoch=round(DRW_START_FRACTION * epochs))]
+    return []

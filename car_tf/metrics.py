@@ -1,0 +1,218 @@
+"""Per-class evaluation metrics for long-tailed classification, in NumPy.
+
+Confusion matrices follow CAR's convention: rows are predicted classes i, columns are true
+classes j, so ``C[i, j]`` counts samples of true class j predicted as i and column j sums to the
+number of test samples of class j. Per-class accuracy is the recall ``C[j, j] / sum_i C[i, j]``.
+Classes with no test sample have accuracy NaN and are left out of every mean, minimum and count.
+"""
+
+import math
+
+import numpy as np
+
+from car_tf.confusion import frequency_weights
+
+# Training-count groups of the long-tailed literature: many > 100, medium 20..100, few < 20.
+MANY_SHOT_MIN = 100
+FEW_SHOT_MAX = 20
+GROUP_NAMES = ("many", "medium", "few")
+
+
+def to_probabilities(scores):
+    """Returns class probabilities: rows already on the simplex stay, anything else gets a softmax."""
+    scores = np.asarray(scores, dtype=np.float64)
+    on_simplex = np.all(scores >= 0) and np.allclose(scores.sum(axis=-1), 1.0, atol=1e-4)
+    if on_simplex:
+        return scores
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def confusion_matrix(predictions, labels, num_classes):
+    """Counts ``C[i, j]`` of samples with true class j predicted as i (rows predicted, columns true)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(predictions), np.asarray(labels)), 1)
+    return confusion
+
+
+def per_class_accuracy(confusion):
+    """Recall of every class, ``C[j, j] / sum_i C[i, j]``; NaN for a class with no test sample."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    support = confusion.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(confusion) / support, np.nan)
+
+
+def top_k_accuracy(scores, labels, k):
+    """Fraction of samples whose true class is among the k highest scores (k capped at K)."""
+    scores = np.asarray(scores)
+    k = min(k, scores.shape[-1])
+    top = np.argpartition(-scores, k - 1, axis=-1)[:, :k]
+    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=-1)))
+
+
+def class_groups(train_counts):
+    """Group name ("many", "medium", "few") of every class from its training count."""
+    counts = np.asarray(train_counts)
+    return np.where(
+        counts > MANY_SHOT_MIN, "many", np.where(counts >= FEW_SHOT_MAX, "medium", "few")
+    )
+
+
+def _nan_mean(values):
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else None
+
+
+def group_accuracies(accuracy, train_counts):
+    """Mean per-class accuracy of the many / medium / few groups (None for an empty group)."""
+    groups = class_groups(train_counts)
+    return {name: _nan_mean(accuracy[groups == name]) for name in GROUP_NAMES}
+
+
+def worst_class_accuracy(accuracy):
+    """Lowest per-class accuracy over the classes that have test samples."""
+    return float(np.nanmin(accuracy))
+
+
+def worst_fraction_mean(accuracy, fraction=0.1):
+    """Mean accuracy of the worst ``fraction`` of classes (at least one class)."""
+    valid = np.sort(np.asarray(accuracy)[~np.isnan(accuracy)])
+    count = max(1, math.ceil(fraction * valid.size))
+    return float(valid[:count].mean())
+
+
+def off_diagonal_rates(confusion):
+    """Column-normalised confusion ``P(predicted i | true j)`` with the diagonal zeroed."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    support = confusion.sum(axis=0)
+    rates = confusion / np.maximum(support, 1.0)[None, :]
+    np.fill_diagonal(rates, 0.0)
+    return rates
+
+
+def confusion_spectral_norm(confusion, weights=None):
+    """Largest singular value of ``off_diagonal_rates(confusion) @ diag(weights)``."""
+    rates = off_diagonal_rates(confusion)
+    if weights is not None:
+        rates = rates * np.asarray(weights, dtype=np.float64)[None, :]
+    return float(np.linalg.norm(rates, ord=2))
+
+
+def car_weights(train_counts, r0=0.2, count_based=False):
+    """CAR's frequency weights (``car_tf.confusion.frequency_weights``) as a NumPy array."""
+    return np.asarray(frequency_weights(np.asarray(train_counts, np.float32), r0, count_based))
+
+
+def reliability_bins(probs, labels, num_bins=15):
+    """Equal-width confidence bins: per bin (count, mean confidence, accuracy), empty bins zero."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=-1)
+    correct = (probs.argmax(axis=-1) == np.asarray(labels)).astype(np.float64)
+    # Bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 joins the first bin.
+    index = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
+    count = np.bincount(index, minlength=num_bins)
+    safe = np.maximum(count, 1)
+    mean_confidence = np.bincount(index, confidence, minlength=num_bins) / safe
+    accuracy = np.bincount(index, correct, minlength=num_bins) / safe
+    return count, mean_confidence, accuracy
+
+
+def expected_calibration_error(probs, labels, num_bins=15):
+    """ECE = sum over bins of (bin size / N) * |accuracy - mean confidence|."""
+    count, mean_confidence, accuracy = reliability_bins(probs, labels, num_bins)
+    return float(np.sum(count * np.abs(accuracy - mean_confidence)) / max(count.sum(), 1))
+
+
+def _validate(scores, labels, train_counts, class_names):
+    if scores.ndim != 2:
+        raise ValueError(f"scores have shape {scores.shape}; pass a [num_samples, num_classes] array.")
+    num_classes = len(train_counts)
+    if scores.shape[1] != num_classes:
+        raise ValueError(
+            f"the model scores {scores.shape[1]} classes but train_counts lists {num_classes}; "
+            "evaluate on data with the classes the model was trained on."
+        )
+    if labels.shape != (scores.shape[0],):
+        raise ValueError(
+            f"got {labels.shape[0] if labels.ndim else 0} labels for {scores.shape[0]} score rows; "
+            "pass one integer label per sample."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels span [{labels.min()}, {labels.max()}] but there are {num_classes} classes; "
+            "check that the data and the model use the same class list."
+        )
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for {num_classes} classes; pass one name per class."
+        )
+
+
+def _none_if_nan(value):
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def per_class_report(
+    probs_or_logits, labels, train_counts, class_names=None, r0=0.2, count_based=False, num_bins=15
+):
+    """All evaluation metrics for one split, as a JSON-serialisable dict.
+
+    Args:
+      probs_or_logits: [N, K] scores; rows that are not probabilities get a softmax.
+      labels: [N] integer class ids in [0, K).
+      train_counts: [K] training images per class (groups and CAR's frequency weights).
+      class_names: optional [K] names; defaults to the class ids as strings.
+      r0, count_based: frequency-weight options, as in ``car_tf.confusion.frequency_weights``.
+      num_bins: confidence bins of the calibration error and reliability diagram.
+    """
+    scores = np.asarray(probs_or_logits, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    train_counts = np.asarray(train_counts, dtype=np.int64)
+    _validate(scores, labels, train_counts, class_names)
+    num_classes = len(train_counts)
+    names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
+
+    probs = to_probabilities(scores)
+    predictions = scores.argmax(axis=-1)
+    confusion = confusion_matrix(predictions, labels, num_classes)
+    accuracy = per_class_accuracy(confusion)
+    groups = class_groups(train_counts)
+    worst = int(np.nanargmin(accuracy))
+    bin_count, bin_confidence, bin_accuracy = reliability_bins(probs, labels, num_bins)
+    test_counts = confusion.sum(axis=0)
+    return {
+        "num_samples": int(labels.size),
+        "num_classes": num_classes,
+        "top1": float(np.mean(predictions == labels)),
+        "top5": top_k_accuracy(scores, labels, 5),
+        "mean_class_accuracy": _nan_mean(accuracy),
+        **group_accuracies(accuracy, train_counts),
+        "group_sizes": {name: int(np.sum(groups == name)) for name in GROUP_NAMES},
+        "worst_class_accuracy": worst_class_accuracy(accuracy),
+        "worst_class": names[worst],
+        "worst_10pct_mean": worst_fraction_mean(accuracy, 0.1),
+        "spectral_norm": confusion_spectral_norm(confusion),
+        "weighted_spectral_norm": confusion_spectral_norm(
+            confusion, car_weights(train_counts, r0, count_based)
+        ),
+        "ece": expected_calibration_error(probs, labels, num_bins),
+        "reliability": {
+            "count": bin_count.tolist(),
+            "confidence": bin_confidence.tolist(),
+            "accuracy": bin_accuracy.tolist(),
+        },
+        "per_class": [
+            {
+                "class_id": j,
+                "name": names[j],
+                "group": str(groups[j]),
+                "train_count": int(train_counts[j]),
+                "test_count": int(test_counts[j]),
+                "accuracy": _none_if_nan(accuracy[j]),
+            }
+            for j in range(num_classes)
+        ],
+    }

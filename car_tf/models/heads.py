@@ -1,0 +1,62 @@
+"""Classifier heads: a linear layer with bias, or a cosine classifier with a fixed scale."""
+
+import keras
+
+HEADS = ("linear", "cosine")
+
+
+@keras.saving.register_keras_serializable(package="car_tf")
+class CosineClassifier(keras.layers.Layer):
+    """Logits ``scale * cos(x, w_k)``: L2-normalised features times L2-normalised kernel columns.
+
+    ``kernel`` has shape [D, K] like a Dense kernel, so code reading ``classifier.kernel`` works
+    with either head.
+    """
+
+    def __init__(
+        self, units, scale=30.0, epsilon=1e-12, kernel_initializer="glorot_uniform", **kwargs
+    ):
+        super().__init__(**kwargs)
+        if int(units) < 1:
+            raise ValueError(f"CosineClassifier got units={units}; pass at least one class.")
+        if float(scale) <= 0:
+            raise ValueError(f"CosineClassifier got scale={scale}; pass a positive scale.")
+        self.units = int(units)
+        self.scale = float(scale)
+        self.epsilon = float(epsilon)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel", shape=(input_shape[-1], self.units), initializer=self.kernel_initializer
+        )
+
+    def _l2_normalize(self, x, axis):
+        squared_norm = keras.ops.sum(keras.ops.square(x), axis=axis, keepdims=True)
+        return x * keras.ops.rsqrt(keras.ops.maximum(squared_norm, self.epsilon))
+
+    def call(self, inputs):
+        features = self._l2_normalize(inputs, axis=-1)
+        kernel = self._l2_normalize(keras.ops.cast(self.kernel, inputs.dtype), axis=0)
+        return self.scale * keras.ops.matmul(features, kernel)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "scale": self.scale,
+            "epsilon": self.epsilon,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
+
+
+def classifier_head(head, num_classes, cosine_scale=30.0):
+    """The layer named "classifier" for ``head`` ("linear" or "cosine"), always float32."""
+    if head == "linear":
+        return keras.layers.Dense(num_classes, name="classifier", dtype="float32")
+    if head == "cosine":
+        return CosineClassifier(num_classes, scale=cosine_scale, name="classifier", dtype="float32")
+    raise ValueError(f"unknown classifier head {head!r}; pass one of {', '.join(HEADS)}.")

@@ -1,0 +1,178 @@
+"""Backbones by name (timm style): ``@register_model`` and ``create_model``.
+
+A registered builder takes the normalised image tensor (plus its own keyword options) and returns
+the pooled embedding from a layer named "features". ``create_model`` wraps it into the functional
+model every car_tf component expects: raw pixels -> PixelNormalization -> backbone -> "features"
+-> optional dropout -> "classifier" (float32 logits, also under mixed precision).
+"""
+
+import dataclasses
+import inspect
+import io
+import pathlib
+import re
+import zipfile
+
+import h5py
+import keras
+
+from car_tf.models.heads import classifier_head
+from car_tf.models.preprocessing import CHANNEL_STATS, PixelNormalization
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registration:
+    builder: callable
+    input_shape: tuple
+    normalization: str
+
+
+_MODELS = {}
+
+
+def register_model(name, *, input_shape=(224, 224, 3), normalization="imagenet"):
+    """Decorator that registers ``builder(images, **options) -> features`` under ``name``.
+
+    ``input_shape`` is the default image shape and ``normalization`` a key of CHANNEL_STATS.
+    """
+    if normalization not in CHANNEL_STATS:
+        raise ValueError(
+            f"unknown normalization {normalization!r}; pass one of {', '.join(CHANNEL_STATS)}."
+        )
+
+    def decorator(builder):
+        if name in _MODELS:
+            raise ValueError(f"a model named {name!r} is already registered; pick another name.")
+        _MODELS[name] = _Registration(builder, tuple(input_shape), normalization)
+        return builder
+
+    return decorator
+
+
+def list_models():
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(
+    name,
+    num_classes,
+    *,
+    input_shape=None,
+    head="linear",
+    cosine_scale=30.0,
+    weights=None,
+    dropout=0.0,
+    normalization=None,
+    **backbone_options,
+):
+    """Builds the registered model ``name`` as a functional keras.Model: raw pixels -> logits.
+
+    Args:
+      name: a name from ``list_models()``.
+      num_classes: number of classes K (the classifier outputs [B, K]).
+      input_shape: (H, W, 3); defaults to the model's registered shape.
+      head: "linear" (Dense with bias) or "cosine" (CosineClassifier with ``cosine_scale``).
+      cosine_scale: the scale s of the cosine head.
+      weights: optional path to a ``.weights.h5`` (or ``.keras``) file to load.
+      dropout: dropout rate between "features" and "classifier".
+      normalization: "cifar" or "imagenet" pixel statistics; defaults to the model's own.
+      **backbone_options: options of the backbone builder (e.g. ``patch_size`` for ViT).
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; pass one of {', '.join(list_models())}.")
+    registration = _MODELS[name]
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}.")
+    input_shape = tuple(input_shape or registration.input_shape)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, 3) for RGB images, got {input_shape!r}."
+        )
+    normalization = normalization or registration.normalization
+    if normalization not in CHANNEL_STATS:
+        raise ValueError(
+            f"unknown normalization {normalization!r}; pass one of {', '.join(CHANNEL_STATS)}."
+        )
+    accepted = inspect.signature(registration.builder).parameters
+    unknown = sorted(set(backbone_options) - set(list(accepted)[1:]))
+    if unknown:
+        known = ", ".join(list(accepted)[1:]) or "none"
+        raise ValueError(
+            f"model {name!r} does not take option(s) {', '.join(unknown)}; its options are: {known}."
+        )
+
+    images = keras.Input(shape=input_shape, dtype="float32", name="images")
+    mean, std = CHANNEL_STATS[normalization]
+    x = PixelNormalization(mean, std, name="pixel_normalization")(images)
+    features = registration.builder(x, **backbone_options)
+    if dropout:
+        features = keras.layers.Dropout(dropout, name="head_dropout")(features)
+    logits = classifier_head(head, int(num_classes), cosine_scale)(features)
+    model = keras.Model(images, logits, name=name)
+    if weights is not None:
+        load_model_weights(model, weights)
+    return model
+
+
+def features_model(model):
+    """A keras.Model on the same inputs returning [features, logits] (shares the weights)."""
+    try:
+        features = model.get_layer("features")
+    except ValueError:
+        raise ValueError(
+            f"model {model.name!r} has no layer named 'features'; build it with "
+            "car_tf.models.create_model."
+        ) from None
+    return keras.Model(model.inputs, [features.output, model.outputs[0]], name=f"{model.name}_features")
+
+
+def load_model_weights(model, path):
+    """``model.load_weights(path)`` with one clear sentence when the checkpoint does not fit."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {path} does not exist; pass the path of a .weights.h5 file.")
+    if not (path.name.endswith(".weights.h5") or path.suffix == ".keras"):
+        raise ValueError(
+            f"weights file {path} is neither .weights.h5 nor .keras; save it with "
+            "model.save_weights('name.weights.h5')."
+        )
+    try:
+        model.load_weights(path)
+    except ValueError as error:
+        model_classes = model.get_layer("classifier").kernel.shape[-1]
+        checkpoint_classes = _checkpoint_classes(model, path)
+        if checkpoint_classes is not None and checkpoint_classes != model_classes:
+            raise ValueError(
+                f"checkpoint {path} has {checkpoint_classes} classes but the model has "
+                f"{model_classes}; pass --num_classes={checkpoint_classes} or a checkpoint "
+                f"trained on {model_classes} classes."
+            ) from error
+        reason = str(error).strip().splitlines()[-1]
+        raise ValueError(
+            f"checkpoint {path} does not fit model {model.name!r} with input shape "
+            f"{tuple(model.input_shape[1:])}; build the model with the options it was trained "
+            f"with ({reason})."
+        ) from error
+
+
+def _checkpoint_classes(model, path):
+    """Class count stored for the model's classifier in a Keras 3 weights file, or None."""
+    # Keras 3 stores the layers of a functional model under layers/<snake_case class name>[_n],
+    # numbered among layers of the same class in model.layers order.
+    classifier = model.get_layer("classifier")
+    class_name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(classifier).__name__).lower()
+    index = sum(type(layer) is type(classifier) for layer in model.layers[: model.layers.index(classifier)])
+    group = f"layers/{class_name}" + (f"_{index}" if index else "") + "/vars/0"
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                handle = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+        else:
+            handle = h5py.File(path, "r")
+        with handle:
+            return int(handle[group].shape[-1]) if group in handle else None
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None

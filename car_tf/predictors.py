@@ -1,0 +1,191 @@
+"""One ``predict`` over every form a trained model takes: run directory, .keras, SavedModel, .onnx.
+
+Every predictor takes images [B, H, W, 3] (uint8, or float in [0, 255]) and returns float32 scores
+[B, K] -- logits, or probabilities for an exported serving SavedModel (``outputs`` says which).
+Attributes: ``num_classes``, ``image_size`` ((H, W), or None where any size is accepted),
+``class_names`` (None where the model does not carry them), ``outputs``.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+RUN_FILE = "run.json"
+RUN_MODEL_FILE = "model.keras"
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """A model path that does not exist or holds no model car_tf can read."""
+
+
+def read_run_info(run_dir):
+    """The run.json of a run directory as a dict."""
+    path = pathlib.Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} does not exist; pass a run directory written by car_tf.train.")
+    return json.loads(path.read_text())
+
+
+def find_run_info(path, levels=2):
+    """run.json of ``path`` or of a parent up to ``levels`` above it (an export inside a run), else None."""
+    path = pathlib.Path(path).resolve()
+    candidates = [path] + list(path.parents)[:levels]
+    for folder in candidates:
+        if (folder / RUN_FILE).is_file():
+            return json.loads((folder / RUN_FILE).read_text())
+    return None
+
+
+def inference_model(model):
+    """The image -> logits model inside ``model``: its ``classifier`` sub-model if it has one.
+
+    Training wrappers (ConCutMix's projection head) keep the deployable network as ``classifier``.
+    """
+    import keras
+
+    inner = getattr(model, "classifier", None)
+    return inner if isinstance(inner, keras.Model) else model
+
+
+def _check_images(images, image_size):
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images have shape {images.shape}; pass a batch [B, H, W, 3] of RGB images.")
+    if image_size is not None and tuple(images.shape[1:3]) != tuple(image_size):
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]} but the model expects "
+            f"{image_size[0]}x{image_size[1]}; resize them (e.g. --image_size={image_size[0]})."
+        )
+    return images
+
+
+class KerasPredictor:
+    """Predicts with an in-memory Keras model (its ``classifier`` sub-model if it is a wrapper)."""
+
+    outputs = "logits"
+
+    def __init__(self, model, class_names=None):
+        import tensorflow as tf
+
+        self.model = inference_model(model)
+        height, width = self.model.input_shape[1:3]
+        self.image_size = (height, width) if height and width else None
+        self.num_classes = int(self.model.output_shape[-1])
+        self.class_names = list(class_names) if class_names is not None else None
+        self._call = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32),
+                                 reduce_retracing=True)
+
+    def predict(self, images):
+        images = _check_images(images, self.image_size)
+        return self._call(images.astype(np.float32)).numpy()
+
+
+class SavedModelPredictor:
+    """Predicts through a SavedModel's ``serving_default`` signature.
+
+    Two kinds are understood: car_tf's serving export (uint8 images of any size -> a dict with
+    "probabilities") and a plain classifier export (float32 [None, H, W, 3] -> logits).
+    """
+
+    def __init__(self, path, class_names=None):
+        import tensorflow as tf
+
+        self._tf = tf
+        loaded = tf.saved_model.load(str(path))
+        if "serving_default" not in loaded.signatures:
+            raise ModelNotFoundError(f"SavedModel {path} has no serving_default signature; re-export it.")
+        self._loaded = loaded  # keeps the signature's variables alive
+        self._signature = loaded.signatures["serving_default"]
+        (self._input_name, spec), = self._signature.structured_input_signature[1].items()
+        self._input_dtype = spec.dtype
+        outputs = self._signature.structured_outputs
+        self.outputs = "probabilities" if "probabilities" in outputs else "logits"
+        self._output_name = self.outputs if self.outputs in outputs else next(iter(outputs))
+        self.num_classes = int(outputs[self._output_name].shape[-1])
+        height, width = spec.shape[1:3]
+        self.image_size = (height, width) if height and width else None
+        self.class_names = list(class_names) if class_names is not None else None
+        if self.class_names is None and hasattr(loaded, "class_names"):
+            self.class_names = [n.decode() for n in loaded.class_names.numpy()]
+
+    def predict(self, images):
+        images = _check_images(images, self.image_size)
+        if self._input_dtype == self._tf.uint8:
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        else:
+            images = images.astype(self._input_dtype.as_numpy_dtype)
+        result = self._signature(**{self._input_name: self._tf.constant(images)})
+        return result[self._output_name].numpy().astype(np.float32)
+
+
+class OnnxPredictor:
+    """Predicts with onnxruntime; class names come from the file's "class_names" metadata if present."""
+
+    outputs = "logits"
+
+    def __init__(self, path, class_names=None):
+        import onnxruntime
+
+        self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        model_input = self._session.get_inputs()[0]
+        self._input_name = model_input.name
+        height, width = model_input.shape[1:3]
+        self.image_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+        self.num_classes = int(self._session.get_outputs()[0].shape[-1])
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        if class_names is None and "class_names" in metadata:
+            class_names = json.loads(metadata["class_names"])
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def predict(self, images):
+        images = _check_images(images, self.image_size)
+        return self._session.run(None, {self._input_name: images.astype(np.float32)})[0]
+
+
+def load_predictor(path):
+    """A predictor for a run directory, a .keras file, a SavedModel directory or an .onnx file."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model path {path} does not exist; pass a run directory, a .keras file, "
+            "a SavedModel directory or an .onnx file."
+        )
+    run_info = find_run_info(path) or {}
+    class_names = run_info.get("class_names")
+    if path.is_dir() and (path / RUN_FILE).is_file():
+        model_file = path / RUN_MODEL_FILE
+        if not model_file.is_file():
+            raise ModelNotFoundError(f"run directory {path} has no {RUN_MODEL_FILE}; train it to the end first.")
+        path = model_file
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return SavedModelPredictor(path, class_names)
+    if path.suffix == ".keras":
+        import keras
+
+        import car_tf  # noqa: F401  (registers car_tf's serialisable layers and losses)
+
+        return KerasPredictor(keras.saving.load_model(path, compile=False), class_names)
+    if path.suffix == ".onnx":
+        return OnnxPredictor(path, class_names)
+    raise ModelNotFoundError(
+        f"{path} is not a run directory, .keras file, SavedModel directory or .onnx file; "
+        "pass one of those."
+    )
+
+
+def predict_dataset(predictor, dataset, progress=False):
+    """Runs ``predictor`` over a dataset of (images, labels); returns (scores [N, K], labels [N]).
+
+    Soft labels [B, K] are reduced to their argmax class.
+    """
+    from tqdm import tqdm
+
+    scores, labels = [], []
+    for images, batch_labels in tqdm(dataset, desc="evaluating", unit="batch", disable=not progress):
+        scores.append(predictor.predict(np.asarray(images)))
+        batch_labels = np.asarray(batch_labels)
+        labels.append(batch_labels.argmax(-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
+    if not scores:
+        raise ValueError("the evaluation data set is empty; check the data flags or the split list.")
+    return np.concatenate(scores), np.concatenate(labels).astype(np.int64)

@@ -1,0 +1,153 @@
+"""Writers for a ``car_tf.metrics.per_class_report`` dict: JSON, CSV, PNG plots and a text table."""
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+
+# Confusion heatmaps are drawn only up to this many classes; beyond it they are unreadable.
+MAX_HEATMAP_CLASSES = 100
+CSV_COLUMNS = ("class_id", "name", "group", "train_count", "test_count", "accuracy")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_json(report, path):
+    """Writes the report as indented JSON."""
+    pathlib.Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_per_class_csv(report, path):
+    """One row per class: id, name, group, train count, test count, accuracy (empty if no test sample)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in report["per_class"]:
+            writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else row["accuracy"]})
+
+
+def plot_accuracy_vs_count(report, path, title="Per-class accuracy vs training images"):
+    """Scatter of per-class accuracy against training count on a log x axis, one colour per group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group, colour in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red")):
+        rows = [r for r in report["per_class"] if r["group"] == group and r["accuracy"] is not None]
+        if rows:
+            ax.scatter(
+                [max(r["train_count"], 1) for r in rows],
+                [r["accuracy"] for r in rows],
+                s=12,
+                color=colour,
+                label=f"{group} ({len(rows)})",
+            )
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy (recall)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(confusion, class_names, path):
+    """Heatmap of the column-normalised confusion (rows predicted, columns true)."""
+    plt = _pyplot()
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rates = confusion / np.maximum(confusion.sum(axis=0), 1.0)[None, :]
+    size = min(4 + 0.25 * len(class_names), 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0)
+    if len(class_names) <= 30:
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=90)
+        ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("true class")
+    ax.set_ylabel("predicted class")
+    ax.set_title("P(predicted | true)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(report, path):
+    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration."""
+    plt = _pyplot()
+    bins = report["reliability"]
+    num_bins = len(bins["count"])
+    centres = (np.arange(num_bins) + 0.5) / num_bins
+    filled = np.asarray(bins["count"]) > 0
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(centres[filled], np.asarray(bins["accuracy"])[filled], width=1.0 / num_bins,
+           edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {report['ece']:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _percent(value):
+    return "   -" if value is None else f"{100 * value:5.2f}"
+
+
+def format_table(report, worst=5):
+    """A compact text summary: headline metrics, then the ``worst`` lowest-accuracy classes."""
+    sizes = report["group_sizes"]
+    lines = [
+        f"samples {report['num_samples']}  classes {report['num_classes']} "
+        f"(many {sizes['many']} / medium {sizes['medium']} / few {sizes['few']})",
+        f"{'top-1':>10} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7} {'worst':>7} {'worst10%':>9}",
+        f"{_percent(report['top1']):>10} {_percent(report['top5']):>7} {_percent(report['many']):>7} "
+        f"{_percent(report['medium']):>7} {_percent(report['few']):>7} "
+        f"{_percent(report['worst_class_accuracy']):>7} {_percent(report['worst_10pct_mean']):>9}",
+        f"spectral norm {report['spectral_norm']:.4f}  weighted {report['weighted_spectral_norm']:.4f}"
+        f"  ECE {report['ece']:.4f}",
+    ]
+    ranked = sorted(
+        (r for r in report["per_class"] if r["accuracy"] is not None), key=lambda r: r["accuracy"]
+    )
+    if ranked:
+        lines.append("worst classes: " + ", ".join(
+            f"{r['name']} {_percent(r['accuracy']).strip()} (n={r['train_count']})" for r in ranked[:worst]
+        ))
+    return "\n".join(lines)
+
+
+def write_report(report, output_dir, confusion=None, prefix=""):
+    """Writes report.json, per_class.csv and the PNGs into ``output_dir``; returns the paths.
+
+    ``confusion`` (the count matrix) adds a heatmap when K <= 100. ``prefix`` names a second split
+    in the same folder (e.g. "train_").
+    """
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": output_dir / f"{prefix}report.json",
+        "csv": output_dir / f"{prefix}per_class.csv",
+        "accuracy_plot": output_dir / f"{prefix}accuracy_vs_count.png",
+        "reliability_plot": output_dir / f"{prefix}reliability.png",
+    }
+    write_json(report, paths["json"])
+    write_per_class_csv(report, paths["csv"])
+    plot_accuracy_vs_count(report, paths["accuracy_plot"])
+    plot_reliability(report, paths["reliability_plot"])
+    if confusion is not None and report["num_classes"] <= MAX_HEATMAP_CLASSES:
+        paths["confusion_plot"] = output_dir / f"{prefix}confusion.png"
+        plot_confusion(confusion, [r["name"] for r in report["per_class"]], paths["confusion_plot"])
+    return paths

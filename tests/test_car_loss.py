@@ -1,0 +1,207 @@
+"""CARLoss + CARCallback: values, training, replicas, checkpoint/resume, config, errors."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import car_tf
+from car_tf.car_state import attach_car_state
+from strategy_helpers import assert_results_close, run_under_strategies
+from test_car_math import np_batch_confusion, np_frequency_weights, np_softmax
+
+COUNTS = [40, 20, 8, 4]
+
+
+def sparse_ce():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def with_state(loss):
+    holder = keras.Sequential([keras.Input((2,)), keras.layers.Dense(len(COUNTS))])
+    attach_car_state(holder, loss)
+    return holder
+
+
+def np_ce(logits, labels):
+    return -np.log(np_softmax(logits)[np.arange(len(labels)), labels])
+
+
+def test_loss_matches_numpy_over_two_steps():
+    rng = np.random.default_rng(0)
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), spec_lambda=0.5, beta=0.9)
+    with_state(loss)
+    w = np_frequency_weights(COUNTS, 0.2)
+    ema = None
+    for step in range(2):
+        logits = rng.normal(size=(10, 4)).astype(np.float32)
+        labels = rng.integers(0, 4, size=10)
+        c = np_batch_confusion(logits, labels)
+        ema = c if ema is None else 0.9 * ema + 0.1 * c
+        sigma = np.linalg.norm(ema * w[None, :], 2)
+        want = np_ce(logits, labels).mean() + 0.5 * sigma
+        got = loss(labels, logits).numpy()
+        assert got == pytest.approx(want, rel=1e-5)
+        np.testing.assert_allclose(loss.state.ema.numpy(), ema, rtol=1e-5, atol=1e-8)
+
+
+def test_paper_variant_starts_from_zero_ema():
+    rng = np.random.default_rng(1)
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), beta=0.5, ema_init="zeros")
+    with_state(loss)
+    logits = rng.normal(size=(8, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=8)
+    loss(labels, logits)
+    np.testing.assert_allclose(
+        loss.state.ema.numpy(), 0.5 * np_batch_confusion(logits, labels), rtol=1e-5, atol=1e-8
+    )
+
+
+def test_power_method_matches_svd_method():
+    rng = np.random.default_rng(2)
+    svd = car_tf.CARLoss(COUNTS, base=sparse_ce(), spectral_method="svd")
+    power = car_tf.CARLoss(COUNTS, base=sparse_ce(), spectral_method="power", power_iterations=30)
+    with_state(svd), with_state(power)
+    for _ in range(3):
+        logits = rng.normal(size=(16, 4)).astype(np.float32)
+        labels = rng.integers(0, 4, size=16)
+        assert power(labels, logits).numpy() == pytest.approx(svd(labels, logits).numpy(), rel=1e-5)
+
+
+def test_mixed_precision_logits_give_float32_loss():
+    rng = np.random.default_rng(3)
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce())
+    reference = car_tf.CARLoss(COUNTS, base=sparse_ce())
+    with_state(loss), with_state(reference)
+    logits = rng.normal(size=(8, 4)).astype(np.float16)
+    labels = rng.integers(0, 4, size=8)
+    got = loss(labels, tf.constant(logits))
+    assert got.dtype == tf.float32
+    assert got.numpy() == pytest.approx(reference(labels, logits.astype(np.float32)).numpy(), rel=1e-4)
+
+
+def test_config_round_trip():
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), spec_lambda=0.7, beta=0.5, margin=0.1)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert isinstance(restored, car_tf.CARLoss)
+    assert restored.get_config() == loss.get_config()
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="positive training count"):
+        car_tf.CARLoss([10, 0, 3], base=sparse_ce())
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce())
+    with pytest.raises(ValueError, match="no state"):
+        loss(np.array([0]), np.zeros((1, 4), np.float32))
+    with_state(loss)
+    with pytest.raises(ValueError, match="outputs 3 logits"):
+        loss(np.array([0]), np.zeros((1, 3), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside"):
+        loss(np.array([0, 7]), np.zeros((2, 4), np.float32))
+    nan_logits = np.full((2, 4), np.nan, np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
+        loss(np.array([0, 1]), nan_logits)
+
+
+def toy_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(4, size=n, p=np.asarray(COUNTS) / sum(COUNTS))
+    centers = rng.normal(size=(4, 6)) * 3
+    x = (centers[labels] + rng.normal(size=(n, 6))).astype(np.float32)
+    return x, labels.astype(np.int32)
+
+
+def toy_model():
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(1)),
+            keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(2)),
+        ]
+    )
+
+
+def train(epochs, strategy=None, extra_callbacks=(), lambda_warmup_epochs=0, **loss_kwargs):
+    strategy = strategy or tf.distribute.get_strategy()
+    x, y = toy_data()
+    with strategy.scope():
+        model = toy_model()
+        loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), **loss_kwargs)
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
+    history = model.fit(
+        x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+        callbacks=[car_tf.CARCallback(lambda_warmup_epochs=lambda_warmup_epochs), *extra_callbacks],
+    )
+    return model, history
+
+
+def test_fit_logs_penalty_and_keeps_state_on_the_model(tmp_path):
+    model, history = train(3, lambda_warmup_epochs=2)
+    assert set(history.history) >= {"loss", "car_penalty", "car_spectral_norm"}
+    sigma = history.history["car_spectral_norm"]
+    assert all(s > 0 for s in sigma)
+    penalty = history.history["car_penalty"]
+    assert penalty[0] == 0.0  # lambda ramps from 0
+    assert penalty[2] == pytest.approx(0.3 * sigma[2], rel=1e-5)
+    ema = model.car_state.ema.numpy()
+    assert ema.sum() > 0 and np.all(np.diag(ema) == 0)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    fresh = toy_model()
+    attach_car_state(fresh, car_tf.CARLoss(COUNTS, base=sparse_ce()))
+    fresh.load_weights(path)
+    np.testing.assert_array_equal(fresh.car_state.ema.numpy(), ema)
+
+
+def test_one_and_two_replicas_agree():
+    def run(strategy):
+        model, _ = train(2, strategy)
+        return [w.numpy() for w in model.weights] + [model.car_state.ema.numpy()]
+
+    assert_results_close(run_under_strategies(run), atol=1e-5)
+
+
+def test_two_replicas_with_power_iteration_agree():
+    def run(strategy):
+        model, _ = train(1, strategy, spectral_method="power")
+        return [model.car_state.ema.numpy(), model.car_state.power_v.numpy()]
+
+    assert_results_close(run_under_strategies(run), atol=1e-5)
+
+
+class _Kill(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at = (epoch, batch)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def test_killed_run_resumes_with_its_ema(tmp_path):
+    reference, _ = train(4)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(KeyboardInterrupt):
+        train(4, extra_callbacks=[backup, _Kill(epoch=2, batch=1)])
+    resumed, history = train(4, extra_callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+    assert len(history.history["loss"]) == 2  # epochs 2 and 3 only
+    np.testing.assert_allclose(resumed.car_state.ema.numpy(), reference.car_state.ema.numpy(), atol=1e-6)
+    for got, want in zip(resumed.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+
+
+def test_validation_leaves_the_ema_alone():
+    x, y = toy_data(seed=1)
+    plain, _ = train(2)
+    model = toy_model()
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce())
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
+    model.fit(*toy_data(), batch_size=16, epochs=2, shuffle=False, verbose=0,
+              validation_data=(x, y), callbacks=[car_tf.CARCallback()])
+    np.testing.assert_allclose(model.car_state.ema.numpy(), plain.car_state.ema.numpy(), atol=1e-7)
+    assert model.car_state.updating.numpy() == 1.0
