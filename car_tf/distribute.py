@@ -1,0 +1,43 @@
+"""Choosing a tf.distribute strategy by name."""
+
+import json
+import os
+
+import tensorflow as tf
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+
+
+def make_strategy(name="auto"):
+    """The strategy called ``name``.
+
+    auto: MirroredStrategy over the visible GPUs, or the default strategy without GPUs.
+    mirrored: MirroredStrategy over the visible GPUs (over the CPU without any).
+    multi_worker: MultiWorkerMirroredStrategy; the cluster comes from the TF_CONFIG variable.
+    one_device: the first GPU, else the CPU.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError(
+                "--strategy=multi_worker needs the TF_CONFIG environment variable describing the "
+                "cluster and this worker's task; see BUILD.md, 'Several machines'."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"--strategy={name!r} is not known; use one of {', '.join(STRATEGIES)}.")
+
+
+def is_chief():
+    """True on the process that writes the run directory: the chief, else worker 0, else alone."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = config.get("task")
+    if not task or task.get("type") == "chief":
+        return True
+    has_chief = "chief" in config.get("cluster", {})
+    return task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief

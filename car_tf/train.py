@@ -1,0 +1,359 @@
+"""Train a long-tailed classifier.
+
+    python -m car_tf.train --flagfile=launch/cifar10_lt.flags --model_dir=runs/cifar10_car
+
+The run directory gets the flags used (flags.txt), run.json (what evaluation and export need),
+checkpoints/ (resumable: rerun the same command after a crash), TensorBoard logs in tb/,
+history.csv, metrics/epoch_NNN.json (per-class metrics every epoch), the final model.keras and the
+per-class report (report.json, per_class.csv, plots).
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import keras
+import tensorflow as tf
+from absl import app, flags, logging
+
+from car_tf import checkpointing, distribute, schedules
+from car_tf.car_callback import CARCallback
+from car_tf.car_state import attach_car_state
+from car_tf.data import pipelines
+from car_tf.data.flags import datasets_from_flags, define_data_flags
+from car_tf.evaluation_callback import PerClassEvaluation
+from car_tf.losses.car_loss import CARLoss
+from car_tf.losses.registry import BASE_LOSSES, callbacks_for_loss, get_base_loss
+from car_tf.metrics import per_class_report
+from car_tf.models import create_model
+from car_tf.predictors import KerasPredictor, predict_dataset
+from car_tf.report import format_table, write_report
+
+METHODS = ("car", "concutmix", *BASE_LOSSES)
+
+define_data_flags()
+# Run.
+flags.DEFINE_string("model_dir", None, "Run directory: flags, checkpoints, logs, final model and report.")
+flags.DEFINE_enum("method", "ce", METHODS, "Training method: a base loss, car (CARLoss on --base_loss) or concutmix.")
+flags.DEFINE_enum("base_loss", "ce", BASE_LOSSES, "Base loss under CAR (--method=car).")
+flags.DEFINE_bool("concutmix", False, "Train with the ConCutMix stage (implied by --method=concutmix).")
+flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentation.")
+flags.DEFINE_bool("deterministic", False, "Use deterministic TensorFlow ops (slower on GPU; exact resumes).")
+flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES, "Distribution strategy (auto: all visible GPUs).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
+flags.DEFINE_bool("eval_on_train", False, "Also report per-class accuracy on the training set at the end.")
+flags.DEFINE_bool("verbose", True, "Print a line of metrics per epoch.")
+flags.DEFINE_bool("randaugment", False, "Add RandAugment (2 ops, magnitude 10) to the training stream.")
+# Model.
+flags.DEFINE_string("model", "resnet32", "Backbone name (car_tf.models.list_models()).")
+flags.DEFINE_enum("head", "linear", ["linear", "cosine"], "Classifier head.")
+flags.DEFINE_float("cosine_scale", 30.0, "Scale s of the cosine head.")
+flags.DEFINE_integer("patch_size", 0, "ViT patch size (0: the model's default of 16).")
+flags.DEFINE_string("pretrained", None, "A .weights.h5 file to fine-tune from.")
+# Optimisation.
+flags.DEFINE_integer("epochs", 200, "Training epochs.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (split across replicas).")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "Optimizer.")
+flags.DEFINE_float("lr", 0.1, "Peak learning rate.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 2e-4, "Weight decay (Keras applies it decoupled, as AdamW does).")
+flags.DEFINE_enum("lr_schedule", "step", schedules.SCHEDULES, "Learning-rate schedule after warm-up.")
+flags.DEFINE_integer("warmup_epochs", 5, "Epochs of linear learning-rate warm-up.")
+flags.DEFINE_list("lr_decay_epochs", ["160", "180"], "Epochs at which a step schedule decays.")
+flags.DEFINE_float("lr_decay_factor", 0.1, "Step-decay multiplier (the LDAM code uses 0.01).")
+# Base losses.
+flags.DEFINE_float("la_tau", 1.0, "tau of logit adjustment (logits + tau log prior).")
+flags.DEFINE_float("ldam_max_margin", 0.5, "Largest LDAM margin.")
+flags.DEFINE_float("ldam_scale", 30.0, "LDAM logit scale.")
+flags.DEFINE_float("arc_margin", 0.2, "Additive angular margin m of decoupled_reg.")
+flags.DEFINE_float("uniformity_weight", 0.1, "Weight of the hyperspherical-uniformity term (decoupled_reg).")
+flags.DEFINE_enum("uniformity", "mhe", ["mhe", "gaussian"], "Uniformity term: energy or Gaussian potential.")
+flags.DEFINE_float("feature_norm_weight", 0.01, "Weight of the feature-norm term (decoupled_reg).")
+flags.DEFINE_float("target_norm", 10.0, "Target feature norm of decoupled_reg.")
+flags.DEFINE_enum("feature_norm", "hinge", ["hinge", "ring"], "Feature-norm term form.")
+# CAR (SPEC.md section 1).
+flags.DEFINE_float("spec_lambda", 0.3, "Weight lambda of the CAR penalty.")
+flags.DEFINE_float("spec_beta", 0.9, "EMA momentum of the confusion matrix (paper: 0.5).")
+flags.DEFINE_float("spec_r0", 0.2, "Offset r0 of the frequency weights.")
+flags.DEFINE_float("spec_temp", 1.0, "Softmax temperature of the confusion surrogate.")
+flags.DEFINE_float("spec_margin", 0.0, "Paper's gate margin gamma (released code: 0).")
+flags.DEFINE_bool("spec_count_weights", False, "Count-based frequency weights (m_j = n_j).")
+flags.DEFINE_bool("spec_differentiable_gate", False, "Let gradient through the sigmoid gate.")
+flags.DEFINE_enum("spec_ema_init", "first_batch", ["first_batch", "zeros"], "EMA start (code / paper).")
+flags.DEFINE_enum("spectral_method", "auto", ["auto", "svd", "power"], "How sigma_max is found.")
+flags.DEFINE_integer("power_iterations", 4, "Warm-started power-iteration rounds per step.")
+flags.DEFINE_integer("lambda_warmup_epochs", 0, "Epochs of linear lambda ramp-up (released code: 0).")
+# ConCutMix (SPEC.md section 2).
+flags.DEFINE_float("ccm_alpha", 2.0, "Weight of the classification term.")
+flags.DEFINE_float("ccm_beta", 0.6, "Weight of the balanced contrastive term.")
+flags.DEFINE_float("ccm_temperature", 0.1, "Contrastive temperature.")
+flags.DEFINE_integer("ccm_top_k", 30, "Nearest prototypes in the semantic label.")
+flags.DEFINE_float("ccm_omega", 20 / 255, "Rectification strength omega.")
+flags.DEFINE_integer("ccm_l_d_warm", 100, "Epochs before label rectification starts.")
+flags.DEFINE_integer("ccm_projection_dim", 128, "Projection-head output size.")
+flags.DEFINE_float("ccm_cutmix_prob", 0.5, "Probability that a batch is mixed.")
+
+FLAGS = flags.FLAGS
+
+
+def base_loss_options(name, config):
+    """Keyword options of the base loss ``name`` from the flags."""
+    return {
+        "ldam_drw": {"max_margin": config.ldam_max_margin, "scale": config.ldam_scale},
+        "logit_adjusted": {"tau": config.la_tau},
+        "decoupled_reg": {"scale": config.cosine_scale, "margin": config.arc_margin},
+    }.get(name, {})
+
+
+def build_loss(config, counts):
+    """The compiled loss of the run: a base loss, or CARLoss around one."""
+    base = "logit_adjusted" if config.method == "concutmix" else config.base_loss
+    if config.method not in ("car", "concutmix"):
+        base = config.method
+    options = base_loss_options(base, config)
+    if config.method != "car":
+        return get_base_loss(base, counts, **options)
+    return CARLoss(
+        counts,
+        base=base,
+        base_kwargs=options,
+        spec_lambda=config.spec_lambda,
+        beta=config.spec_beta,
+        r0=config.spec_r0,
+        count_based_weights=config.spec_count_weights,
+        temperature=config.spec_temp,
+        margin=config.spec_margin,
+        differentiable_gate=config.spec_differentiable_gate,
+        ema_init=config.spec_ema_init,
+        spectral_method=config.spectral_method,
+        power_iterations=config.power_iterations,
+    )
+
+
+def uses_base(config, name):
+    return config.method == name or (config.method == "car" and config.base_loss == name)
+
+
+def build_optimizer(config, steps_per_epoch):
+    schedule = schedules.WarmupSchedule(
+        config.lr,
+        total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=config.warmup_epochs * steps_per_epoch,
+        kind=config.lr_schedule,
+        decay_steps=[int(e) * steps_per_epoch for e in config.lr_decay_epochs],
+        decay_factor=config.lr_decay_factor,
+    )
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    return keras.optimizers.SGD(
+        schedule, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def build_model(config, num_classes, image_size):
+    head = config.head
+    if uses_base(config, "decoupled_reg") and head != "cosine":
+        logging.info("decoupled_reg needs a cosine classifier: using --head=cosine.")
+        head = "cosine"
+    options = {"patch_size": config.patch_size} if config.patch_size else {}
+    model = create_model(
+        config.model,
+        num_classes,
+        input_shape=(image_size, image_size, 3),
+        head=head,
+        cosine_scale=config.cosine_scale,
+        weights=config.pretrained,
+        **options,
+    )
+    if uses_base(config, "decoupled_reg"):
+        from car_tf.regularizers import attach_decoupled_terms
+
+        model = attach_decoupled_terms(
+            model,
+            uniformity_weight=config.uniformity_weight,
+            feature_norm_weight=config.feature_norm_weight,
+            target_norm=config.target_norm,
+            uniformity=config.uniformity,
+            feature_norm=config.feature_norm,
+        )
+    return model
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops a run whose loss turns NaN or Inf with one sentence saying what to do."""
+
+    def __init__(self, checkpoint_dir):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not tf.math.is_finite(float(loss)):
+            raise FloatingPointError(
+                f"the training loss became {float(loss)} at epoch {self.epoch}, step {batch}; "
+                f"lower --lr (or enable warm-up) and rerun: the run resumes from the last good "
+                f"checkpoint in {self.checkpoint_dir}."
+            )
+
+
+def write_run_files(run_dir, config, train, recipe, image_size):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "flags.txt").write_text(config.flags_into_string())
+    info = {
+        "model": config.model,
+        "num_classes": train.num_classes,
+        "class_names": list(train.class_names),
+        "train_counts": [int(c) for c in train.counts()],
+        "image_size": image_size,
+        "recipe": recipe,
+        "dataset": config.dataset,
+        "method": config.method,
+        "base_loss": config.base_loss,
+        "concutmix": config.concutmix or config.method == "concutmix",
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def train_and_evaluate(config):
+    """Runs (or resumes) the training the flags describe; returns the final test report."""
+    if not config.model_dir:
+        raise ValueError("--model_dir is required: name the run directory to write (or resume).")
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(config.seed)
+    strategy = distribute.make_strategy(config.strategy)
+    chief = distribute.is_chief()
+    run_dir = pathlib.Path(config.model_dir)
+    write_dir = run_dir if chief else run_dir / "workers" / str(_task_index())
+
+    train, test, recipe, image_size = datasets_from_flags(config)
+    counts = train.counts()
+    if chief:
+        write_run_files(run_dir, config, train, recipe, image_size)
+    steps = pipelines.steps_per_epoch(train, config.batch_size)
+    concutmix = config.concutmix or config.method == "concutmix"
+
+    with strategy.scope():
+        classifier = build_model(config, train.num_classes, image_size)
+        loss = build_loss(config, counts)
+        model = wrap_concutmix(config, classifier, counts) if concutmix else classifier
+        model.compile(
+            optimizer=build_optimizer(config, steps),
+            loss=loss,
+            metrics=None if concutmix else [keras.metrics.SparseCategoricalAccuracy(name="acc")],
+        )
+        callbacks = []
+        if isinstance(loss, CARLoss):
+            attach_car_state(model, loss)  # before restoring, so the checkpoint's EMA is loaded
+            callbacks.append(CARCallback(loss))
+        model.optimizer.build(model.trainable_variables)
+    initial_epoch = checkpointing.restore(model, write_dir / "checkpoints")
+    if initial_epoch:
+        logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)
+
+    stream = dict(
+        recipe=recipe,
+        image_size=image_size,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        start_epoch=initial_epoch,
+        epochs=config.epochs,
+    )
+    if concutmix:
+        train_ds = concutmix_stream(config, train, stream)
+    else:
+        train_ds = pipelines.train_dataset(
+            train, randaugment=config.randaugment, skip_corrupt=config.skip_corrupt, **stream
+        )
+    test_ds = pipelines.eval_dataset(test, recipe=recipe, image_size=image_size, batch_size=config.batch_size)
+    callbacks += callbacks_for_loss(loss, config.epochs)
+    if uses_base(config, "decoupled_reg"):
+        from car_tf.decoupled_diagnostics import DecoupledDiagnostics
+
+        callbacks.append(DecoupledDiagnostics(test_ds, counts))
+    callbacks += [
+        PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train.class_names),
+        NaNGuard(write_dir / "checkpoints"),
+        checkpointing.EpochCheckpoint(write_dir / "checkpoints", write=chief),
+        keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(write_dir / "tb")),
+    ]
+    start = time.time()
+    if initial_epoch < config.epochs:
+        model.fit(
+            train_ds,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=2 if config.verbose else 0,
+        )
+    logging.info("Training took %.1f s.", time.time() - start)
+    return finish(config, model, classifier, train, test_ds, recipe, image_size, write_dir)
+
+
+def finish(config, model, classifier, train, test_ds, recipe, image_size, write_dir):
+    """Saves the plain classifier and writes the final per-class report."""
+    serving = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)
+    serving.save(str(write_dir / "model.keras"))
+    counts = train.counts()
+    predictor = KerasPredictor(serving)
+    scores, labels = predict_dataset(predictor, test_ds)
+    report = per_class_report(scores, labels, counts, train.class_names)
+    if config.eval_on_train:
+        train_ds = pipelines.eval_dataset(train, recipe=recipe, image_size=image_size, batch_size=config.batch_size)
+        train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train.class_names)
+        report["train"] = {k: train_report[k] for k in ("top1", "worst_class_accuracy", "many", "medium", "few")}
+        report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
+    write_report(report, write_dir)
+    print(format_table(report))
+    return report
+
+
+def wrap_concutmix(config, classifier, counts):
+    from car_tf.concutmix.model import ConCutMixModel
+
+    return ConCutMixModel(
+        classifier,
+        num_classes=len(counts),
+        class_counts=counts,
+        projection_dim=config.ccm_projection_dim,
+        alpha=config.ccm_alpha,
+        beta=config.ccm_beta,
+        temperature=config.ccm_temperature,
+        top_k=config.ccm_top_k,
+        omega=config.ccm_omega,
+        l_d_warm=config.ccm_l_d_warm,
+    )
+
+
+def concutmix_stream(config, train, stream):
+    from car_tf.concutmix.stage import concutmix_training_stream
+
+    return concutmix_training_stream(train, cutmix_prob=config.ccm_cutmix_prob, **stream)
+
+
+def _task_index():
+    return json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("index", 0)
+
+
+def main(argv):
+    del argv
+    try:
+        train_and_evaluate(FLAGS)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"car_tf.train: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
