@@ -16,13 +16,15 @@ def make_strategy(name="auto"):
     multi_worker: MultiWorkerMirroredStrategy; the cluster comes from the TF_CONFIG variable.
     one_device: the first GPU, else the CPU.
     """
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical, devices: listing logical ones starts the runtime, after which
+    # MultiWorkerMirroredStrategy can no longer configure its collectives.
+    gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
         return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError(
@@ -41,3 +43,23 @@ def is_chief():
         return True
     has_chief = "chief" in config.get("cluster", {})
     return task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief
+
+
+def prepare_for_multi_worker(model, strategy, batch):
+    """Works around two Keras 3.15 bugs with MultiWorkerMirroredStrategy (tensorflow#72388).
+
+    1. fit starts with a build pass that reduces the first distributed batch with
+       ``strategy.reduce``, which fails on the PerReplica values of a distributed dataset: build
+       the compiled loss and metrics from a plain host batch instead, and skip that pass.
+    2. The step's logs are reduced with ``reduce("MEAN", value, axis=0)``, which fails on
+       scalars: give each log value a leading axis of 1, which that reduction averages away.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None
+    train_step = model.train_step
+    model.train_step = lambda data: {
+        name: tf.reshape(value, [1]) for name, value in train_step(data).items()
+    }

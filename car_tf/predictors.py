@@ -6,6 +6,7 @@ Attributes: ``num_classes``, ``image_size`` ((H, W), or None where any size is a
 ``class_names`` (None where the model does not carry them), ``outputs``.
 """
 
+import importlib
 import json
 import pathlib
 
@@ -13,6 +14,8 @@ import numpy as np
 
 RUN_FILE = "run.json"
 RUN_MODEL_FILE = "model.keras"
+# Modules whose import registers the serialisable layers a car_tf model.keras can hold.
+SERIALIZABLE_MODULES = ("car_tf", "car_tf.models", "car_tf.regularizers", "car_tf.concutmix.model")
 
 
 class ModelNotFoundError(FileNotFoundError, ValueError):
@@ -35,6 +38,15 @@ def find_run_info(path, levels=2):
         if (folder / RUN_FILE).is_file():
             return json.loads((folder / RUN_FILE).read_text())
     return None
+
+
+def load_keras_model(path):
+    """keras.saving.load_model(path, compile=False) with car_tf's layers registered first."""
+    import keras
+
+    for module in SERIALIZABLE_MODULES:
+        importlib.import_module(module)
+    return keras.saving.load_model(path, compile=False)
 
 
 def inference_model(model):
@@ -161,11 +173,7 @@ def load_predictor(path):
     if path.is_dir() and (path / "saved_model.pb").is_file():
         return SavedModelPredictor(path, class_names)
     if path.suffix == ".keras":
-        import keras
-
-        import car_tf  # noqa: F401  (registers car_tf's serialisable layers and losses)
-
-        return KerasPredictor(keras.saving.load_model(path, compile=False), class_names)
+        return KerasPredictor(load_keras_model(path), class_names)
     if path.suffix == ".onnx":
         return OnnxPredictor(path, class_names)
     raise ModelNotFoundError(

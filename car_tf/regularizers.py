@@ -14,10 +14,15 @@ forms, each weight exposed:
 - feature norm "hinge": mean_b relu(target - |x_b|), pulling small norms up to the target;
 - feature norm "ring": mean_b (|x_b| - target)^2 (ring loss, Zheng et al. 2018, fixed radius).
 
-Both terms reach the gradient through Keras's own loss collection: the uniformity term is a
-``kernel_regularizer`` of the classifier and the feature-norm term a pass-through layer calling
-``add_loss`` after the "features" layer. Keras scales these additional losses by 1 / replicas under
-a tf.distribute strategy, so one and several replicas take the same step.
+Defaults, car_tf's choice rather than the paper's: uniformity weight 0.1, feature-norm weight 0.01,
+target norm 10 (a scale-dependent choice: set it near the head classes' mean feature norm, which
+car_tf.decoupled_diagnostics reports). The uniformity term builds K x K pairwise matrices, fine for
+K up to a few thousand classes.
+
+Both terms reach the gradient through Keras's own loss collection: the uniformity term is the
+regularizer of the classifier's kernel variable, the feature-norm term a pass-through layer calling
+``add_loss`` after the "features" layer. Keras scales such additional losses by 1 / replicas
+under a tf.distribute strategy, so one and several replicas take the same step.
 """
 
 import keras
@@ -29,7 +34,6 @@ FEATURE_NORM_KINDS = ("hinge", "ring")
 
 DEFAULT_UNIFORMITY_WEIGHT = 0.1
 DEFAULT_FEATURE_NORM_WEIGHT = 0.01
-# Scale-dependent: set it near the head classes' mean feature norm (decoupled_quantities logs it).
 DEFAULT_TARGET_NORM = 10.0
 # Squared distances are floored at this value, so coincident vectors give a finite energy.
 DISTANCE_EPS = 1e-6
@@ -162,10 +166,13 @@ def attach_decoupled_terms(
 ):
     """A functional model with the same inputs and outputs as ``model`` plus the two terms.
 
-    The classifier (layer "classifier", which must accept ``kernel_regularizer``) is rebuilt with a
-    UniformityRegularizer and its weights copied; a FeatureNormPenalty follows the "features"
-    layer; every other layer is shared with ``model``. A weight of 0 leaves that term out. Call it
-    inside the same ``strategy.scope()`` the model was built in.
+    ``model`` is cloned with its weights (no layer is shared, so the clone's "features" layer
+    belongs to the clone's graph alone); a FeatureNormPenalty follows the "features" layer and a
+    UniformityRegularizer is set on the kernel variable of the "classifier" layer (any layer with
+    a ``kernel`` [D, K]: Dense or a cosine classifier). A weight of 0 leaves that term out.
+    Call it inside the ``strategy.scope()`` the model was built in. Saving keeps the feature-norm
+    layer but not the kernel's regularizer (a variable attribute, not layer config): to resume
+    training from a saved model, attach the terms again.
     """
     _check_kind(uniformity, UNIFORMITY_KINDS, "uniformity")
     _check_kind(feature_norm, FEATURE_NORM_KINDS, "feature_norm")
@@ -176,19 +183,12 @@ def attach_decoupled_terms(
             "the decoupled terms; build it with car_tf.models.create_model or name those layers."
         )
     classifier = model.get_layer("classifier")
-    config = classifier.get_config()
-    if uniformity_weight and config.get("kernel_regularizer", False) is not None:
+    kernel = getattr(classifier, "kernel", None)
+    if kernel is None or len(kernel.shape) != 2:
         raise ValueError(
-            f"classifier layer {type(classifier).__name__} has no free kernel_regularizer argument "
-            "for the uniformity term; give it one (default None) and use the optimizer's weight "
-            "decay instead of a kernel regularizer."
+            f"classifier layer {classifier.name!r} has no kernel of shape [D, K] for the "
+            "uniformity term; use a Dense or cosine classifier."
         )
-
-    def clone_layer(layer):
-        if layer is classifier and uniformity_weight:
-            regularizer = UniformityRegularizer(uniformity_weight, uniformity)
-            return type(layer).from_config({**config, "kernel_regularizer": regularizer})
-        return layer
 
     def call_layer(layer, *args, **kwargs):
         outputs = layer(*args, **kwargs)
@@ -197,8 +197,9 @@ def attach_decoupled_terms(
             outputs = penalty(outputs)
         return outputs
 
-    attached = keras.models.clone_model(
-        model, clone_function=clone_layer, call_function=call_layer
-    )
-    attached.get_layer("classifier").set_weights(classifier.get_weights())
+    attached = keras.models.clone_model(model, call_function=call_layer)
+    attached.set_weights(model.get_weights())
+    if uniformity_weight:
+        regularizer = UniformityRegularizer(uniformity_weight, uniformity)
+        attached.get_layer("classifier").kernel.regularizer = regularizer
     return attached

@@ -124,7 +124,7 @@ def format_table(report, worst=5):
     )
     if ranked:
         lines.append("worst classes: " + ", ".join(
-            f"{r['name']} {_percent(r['accuracy']).strip()} (n={r['train_count']})" for r in ranked[:worst]
+            f"{r['name']} {_percent(r['accuracy']).strip()} (train {r['train_count']})" for r in ranked[:worst]
         ))
     return "\n".join(lines)
 

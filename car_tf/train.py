@@ -225,12 +225,12 @@ def train_and_evaluate(config):
     """Runs (or resumes) the training the flags describe; returns the final test report."""
     if not config.model_dir:
         raise ValueError("--model_dir is required: name the run directory to write (or resume).")
+    strategy = distribute.make_strategy(config.strategy)  # first: collectives need a fresh runtime
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    strategy = distribute.make_strategy(config.strategy)
     chief = distribute.is_chief()
     run_dir = pathlib.Path(config.model_dir)
     write_dir = run_dir if chief else run_dir / "workers" / str(_task_index())
@@ -275,6 +275,7 @@ def train_and_evaluate(config):
             train, randaugment=config.randaugment, skip_corrupt=config.skip_corrupt, **stream
         )
     test_ds = pipelines.eval_dataset(test, recipe=recipe, image_size=image_size, batch_size=config.batch_size)
+    distribute.prepare_for_multi_worker(model, strategy, next(iter(train_ds)))
     callbacks += callbacks_for_loss(loss, config.epochs)
     if uses_base(config, "decoupled_reg"):
         from car_tf.decoupled_diagnostics import DecoupledDiagnostics

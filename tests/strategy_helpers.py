@@ -1,10 +1,18 @@
 """Run the same training function under one replica and under two logical-CPU replicas."""
+
+import functools
+
 import numpy as np
 import tensorflow as tf
 
 
+@functools.cache
 def strategies():
-    """A one-device strategy and a MirroredStrategy over the two logical CPUs of conftest.py."""
+    """A one-device strategy and a MirroredStrategy over the two logical CPUs of conftest.py.
+
+    Built once per process: a second MirroredStrategy would reuse the first one's collective
+    instance keys and abort when the two see tensors of different shapes.
+    """
     return {
         "one_device": tf.distribute.OneDeviceStrategy("/cpu:0"),
         "mirrored": tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),

@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import shutil
 import tarfile
 import tempfile
 
@@ -24,7 +25,7 @@ LIST_BENCHMARKS = {
 DATASETS = CIFAR + tuple(LIST_BENCHMARKS) + ("folder", "list")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class LabeledData:
     """Images (uint8 [N, H, W, 3] in memory) or absolute file paths, with int32 labels."""
 
@@ -136,7 +137,7 @@ def read_image_folder(root):
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {root} does not exist; check --data_dir.")
-    class_dirs = sorted(p for p in os.scandir(root) if p.is_dir())
+    class_dirs = sorted((e for e in os.scandir(root) if e.is_dir()), key=lambda e: e.name)
     if not class_dirs:
         raise ValueError(f"Image folder {root} has no class sub-folders; use root/<class>/<image> layout.")
     paths, labels = [], []
@@ -203,7 +204,8 @@ def load_dataset(
     if split == "train":
         _check_every_class_present(data, name)
         if imbalance_factor is not None and name in CIFAR + ("folder",):
-            counts = longtail.longtail_counts(data.counts().max(), data.num_classes, imbalance_factor, profile)
+            n_max = data.counts().max()
+            counts = longtail.longtail_counts(n_max, data.num_classes, imbalance_factor, profile)
             data = data.subset(longtail.subsample_longtail(data.labels, counts))
     return data
 
@@ -234,28 +236,35 @@ def _load_cifar(name, split, data_dir):
 
 def unpack_tarball(tarball):
     """Unpacks a .tar.gz once, next to it or else under ~/.cache/car_tf; returns the tree holding train/."""
-    tarball = pathlib.Path(tarball).resolve()
+    tarball = pathlib.Path(os.path.abspath(tarball))
     stem = tarball.name.removesuffix(".tar.gz").removesuffix(".tgz")
     key = hashlib.sha1(f"{tarball}:{tarball.stat().st_size}".encode()).hexdigest()[:10]
     cache = pathlib.Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/car_tf")).expanduser()
-    for target in (tarball.parent / stem, cache / f"{stem}-{key}"):
+    beside = tarball.parent / stem
+    # A folder without write bits is left untouched, even by root.
+    targets = [beside] if beside.is_dir() or tarball.parent.stat().st_mode & 0o222 else []
+    for target in targets + [cache / f"{stem}-{key}"]:
         if not target.is_dir():
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 staging = tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent)
             except OSError:
-                continue  # read-only location: try the next one
+                continue  # not writable: try the next location
             with tarfile.open(tarball) as tar:
                 tar.extractall(staging, filter="data")
             try:
                 os.rename(staging, target)
             except OSError:  # another process finished first; keep its copy
-                pass
-        trees = [p.parent for p in sorted(target.rglob("train")) if p.is_dir()]
-        if trees:
-            return trees[0]
-        raise ValueError(f"Tarball {tarball} has no train/ folder; pack an image-folder tree with train/ and test/.")
-    raise OSError(f"Cannot unpack {tarball}: neither its folder nor {cache} is writable; set ${CACHE_DIR_ENV}.")
+                shutil.rmtree(staging, ignore_errors=True)
+        for tree in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
+            if (tree / "train").is_dir():
+                return tree
+        raise ValueError(
+            f"Tarball {tarball} has no train/ folder; pack an image-folder tree with train/ and test/."
+        )
+    raise OSError(
+        f"Cannot unpack {tarball}: neither its folder nor {cache} is writable; set ${CACHE_DIR_ENV}."
+    )
 
 
 def _load_list(name, split, data_dir, train_list, test_list):

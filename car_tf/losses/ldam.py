@@ -2,6 +2,9 @@
 
 LDAM subtracts a class margin m_j = C * n_j^(-1/4) from the true-class logit, with C chosen so the
 largest margin is ``max_margin``, multiplies the logits by ``scale`` and takes cross-entropy.
+The released code feeds LDAM the plain cosines of a normalised linear layer (no scale of its own),
+so pair LDAMLoss(scale=30) with a cosine classifier of scale 1; with a linear head, or a cosine
+head that already scales by 30, the margins and the scale no longer mean what the paper says.
 DRW keeps per-class weights at 1 until ``start_epoch`` and then switches to class-balanced weights
 (effective number of samples, Cui et al. 2019) normalised to sum to K.
 
@@ -106,7 +109,7 @@ class LDAMLoss(keras.losses.Loss):
 
 
 class DRWSchedule(keras.callbacks.Callback):
-    """Deferred re-weighting: LDAM's class weights are 1 before ``start_epoch``, then class-balanced.
+    """Deferred re-weighting: LDAM's class weights are 1 before ``start_epoch``, then balanced.
 
     The weights are recomputed from the epoch number at every epoch start, so a run resumed with
     ``initial_epoch`` gets the right ones. Epochs count from 0, as in Keras and the released code.

@@ -24,15 +24,12 @@ def _build(cls, fixed, kwargs):
     """cls(**fixed, **kwargs), with unknown or fixed keyword names reported as a ValueError."""
     accepted = [
         name
-        for name, parameter in inspect.signature(cls.__init__).parameters.items()
-        if name not in ("self", "kwargs", "class_counts") and name not in fixed
-        and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        for name, parameter in inspect.signature(cls).parameters.items()
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD and name not in fixed
     ]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"{cls.__name__} does not take {unknown}; its options are {accepted}."
-        )
+        raise ValueError(f"{cls.__name__} does not take {unknown}; its options are {accepted}.")
     return cls(**fixed, **kwargs)
 
 

@@ -1,0 +1,120 @@
+"""End-to-end DLSA fit on frozen features: validation split, cascade, classifiers, routed model."""
+
+import dataclasses
+
+import numpy as np
+
+from car_tf.dlsa import cascade
+from car_tf.dlsa.classifiers import ClassifierTrainingConfig, train_stage_classifier
+from car_tf.dlsa.flow_training import FlowTrainingConfig
+from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
+
+
+@dataclasses.dataclass(frozen=True)
+class DLSAConfig:
+    """Everything ``fit_dlsa`` needs besides the data (defaults: SPEC.md section 4)."""
+
+    depth: int = 1
+    keep_fraction: float = 0.3
+    num_components: int = 500
+    prior_stddev: float = 0.05
+    num_blocks: int = 2
+    validation_fraction: float = 0.1
+    seed: int = 0
+    flow: FlowTrainingConfig = FlowTrainingConfig()
+    classifier: ClassifierTrainingConfig = ClassifierTrainingConfig()
+
+    def flow_options(self):
+        return dict(
+            num_components=self.num_components,
+            prior_stddev=self.prior_stddev,
+            num_blocks=self.num_blocks,
+            seed=self.seed,
+        )
+
+
+@dataclasses.dataclass
+class DLSAResult:
+    """The routed model plus what the run directory reports about it."""
+
+    model: DLSARoutedClassifier
+    stages: list
+    fit_indices: np.ndarray
+    validation_indices: np.ndarray
+    fit_routing: np.ndarray
+    validation_routing: np.ndarray
+    histories: dict
+
+
+def stratified_split(labels, fraction, seed=0):
+    """(fit indices, validation indices): round(fraction * n_c) samples of each class go to
+    validation, at most n_c - 1, so every class keeps a training sample."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction={fraction} must lie in [0, 1); try 0.1.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    validation = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        take = min(int(round(fraction * members.size)), members.size - 1)
+        validation.append(members[:take])
+    validation = np.sort(np.concatenate(validation)).astype(np.int64)
+    fit = np.setdiff1d(np.arange(labels.size), validation)
+    return fit, validation
+
+
+def fit_dlsa(features, labels, num_classes, config=DLSAConfig(), progress=False):
+    """Trains DLSA on training features; returns a ``DLSAResult``.
+
+    Flows, thresholds, cluster priors and classifiers see only the fit part; the validation part
+    (``config.validation_fraction`` of each class) is routed like test data and picks each
+    classifier's epoch.
+    """
+    features = np.asarray(features, np.float32)
+    labels = np.asarray(labels, np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) but range over [{labels.min()}, {labels.max()}]; "
+            "check num_classes against the features' labels."
+        )
+    fit_idx, val_idx = stratified_split(labels, config.validation_fraction, config.seed)
+    stages = cascade.train_cascade(
+        features[fit_idx],
+        labels[fit_idx],
+        num_classes,
+        depth=config.depth,
+        keep_fraction=config.keep_fraction,
+        flow_options=config.flow_options(),
+        training=config.flow,
+        progress=progress,
+    )
+    fit_routing = cascade.route(stages, features[fit_idx])
+    val_routing = cascade.route(stages, features[val_idx])
+    classifiers, histories = [], {"flows": [stage.history for stage in stages], "classifiers": []}
+    for s in range(config.depth + 1):
+        idx, side = cascade.stage_side_inputs(stages, fit_routing, s)
+        val_local, val_side = cascade.stage_side_inputs(stages, val_routing, s)
+        name = "final_classifier" if s == config.depth else f"stage_classifier_{s}"
+        classifier, history = train_stage_classifier(
+            features[fit_idx][idx],
+            side,
+            labels[fit_idx][idx],
+            num_classes,
+            dataclasses.replace(config.classifier, seed=config.classifier.seed + s),
+            validation=(features[val_idx][val_local], val_side, labels[val_idx][val_local]),
+            name=name,
+            progress=progress,
+        )
+        classifiers.append(classifier)
+        histories["classifiers"].append(history)
+    model = DLSARoutedClassifier.from_trained(
+        stages,
+        classifiers[:-1],
+        classifiers[-1],
+        num_classes,
+        features.shape[1],
+        config.flow_options(),
+    )
+    return DLSAResult(
+        model, stages, fit_idx, val_idx, fit_routing.stage, val_routing.stage, histories
+    )

@@ -1,0 +1,147 @@
+"""Per-class evaluation of a trained model in any of its forms.
+
+    python -m car_tf.evaluate --model=RUN_DIR|model.keras|SAVED_MODEL_DIR|model.onnx \
+        --dataset=cifar10 --data_dir=... [--train_counts=JSON] [--on_train] [--output_dir=DIR]
+
+Writes report.json, per_class.csv, accuracy_vs_count.png, reliability.png and (K <= 100)
+confusion.png into --output_dir (default: MODEL/eval for a run directory, else next to the file),
+and prints a compact table. --on_train adds the train split (train_*.csv/png) and the worst-class
+train vs test gap to report.json.
+"""
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+
+from car_tf.metrics import confusion_matrix, per_class_report
+from car_tf.predictors import ModelNotFoundError, find_run_info, load_predictor, predict_dataset
+from car_tf.report import format_table, write_report
+
+HEADLINE = ("top1", "top5", "many", "medium", "few", "worst_class_accuracy", "worst_class", "worst_10pct_mean")
+
+
+def parse_train_counts(value):
+    """Training counts from a JSON list, or from a JSON file holding a list or {"train_counts": [...]}."""
+    text = value.strip()
+    if not text.startswith("["):
+        path = pathlib.Path(text)
+        if not path.is_file():
+            raise ValueError(f"--train_counts={value} is neither a JSON list nor a file; pass e.g. [500, 50, 5].")
+        text = path.read_text()
+    try:
+        counts = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--train_counts is not valid JSON ({error}); pass e.g. [500, 50, 5].") from None
+    if isinstance(counts, dict):
+        counts = counts.get("train_counts")
+    if not isinstance(counts, list) or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise ValueError("train counts must be a JSON list of non-negative integers, e.g. [500, 50, 5].")
+    return counts
+
+
+def evaluate_split(predictor, dataset, train_counts, class_names, progress=False):
+    """(report dict, confusion counts) of ``predictor`` on a dataset of (images, labels)."""
+    scores, labels = predict_dataset(predictor, dataset, progress=progress)
+    if scores.shape[1] != len(train_counts):
+        raise ValueError(
+            f"the model predicts {scores.shape[1]} classes but the data has {len(train_counts)}; "
+            "evaluate on the data set the model was trained on."
+        )
+    report = per_class_report(scores, labels, train_counts, class_names)
+    return report, confusion_matrix(scores.argmax(-1), labels, len(train_counts))
+
+
+def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, train_dataset=None,
+             progress=False):
+    """Evaluates the test split (and the train split if given), writes every output; returns report.json's dict."""
+    if predictor.num_classes != len(class_names):
+        raise ValueError(
+            f"the model has {predictor.num_classes} classes but the data has {len(class_names)}; "
+            "evaluate on the data set the model was trained on."
+        )
+    if len(train_counts) != len(class_names):
+        raise ValueError(
+            f"{len(train_counts)} training counts for {len(class_names)} classes; "
+            "pass one count per class in --train_counts."
+        )
+    report, confusion = evaluate_split(predictor, test_dataset, train_counts, class_names, progress)
+    if train_dataset is not None:
+        train_report, train_confusion = evaluate_split(predictor, train_dataset, train_counts, class_names,
+                                                       progress)
+        write_report(train_report, output_dir, train_confusion, prefix="train_")
+        report["train"] = {k: train_report[k] for k in HEADLINE}
+        report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
+        report["worst_class_ratio"] = (
+            report["worst_class_accuracy"] / train_report["worst_class_accuracy"]
+            if train_report["worst_class_accuracy"] > 0 else None
+        )
+    write_report(report, output_dir, confusion)
+    return report
+
+
+def default_output_dir(model_path):
+    """MODEL/eval for a run or SavedModel directory, else eval_<file stem> beside the file."""
+    path = pathlib.Path(model_path)
+    return path / "eval" if path.is_dir() else path.parent / f"eval_{path.stem}"
+
+
+def main(argv):
+    del argv
+    from car_tf.data import flags as data_flags
+    from car_tf.data.pipelines import eval_dataset
+
+    FLAGS = flags.FLAGS
+    try:
+        predictor = load_predictor(FLAGS.model)
+        if not FLAGS["image_size"].present and predictor.image_size is not None:
+            FLAGS.image_size = int(predictor.image_size[0])
+        train, test, recipe, image_size = data_flags.datasets_from_flags(FLAGS)
+        if FLAGS.train_counts:
+            train_counts = parse_train_counts(FLAGS.train_counts)
+        else:
+            run_info = find_run_info(FLAGS.model) or {}
+            train_counts = run_info.get("train_counts") or [int(c) for c in train.counts()]
+        if predictor.class_names and list(predictor.class_names) != list(test.class_names):
+            logging.warning("The model's class names differ from the data's; the data's names are used.")
+
+        def dataset(data):
+            return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
+
+        output_dir = pathlib.Path(FLAGS.output_dir or default_output_dir(FLAGS.model))
+        report = evaluate(
+            predictor,
+            dataset(test),
+            train_counts,
+            test.class_names,
+            output_dir,
+            train_dataset=dataset(train) if FLAGS.on_train else None,
+            progress=True,
+        )
+    except (ValueError, ModelNotFoundError) as error:
+        sys.exit(f"evaluation failed: {error}")
+    print(format_table(report))
+    if "train" in report:
+        print(f"train worst-class {100 * report['train']['worst_class_accuracy']:.2f}  "
+              f"gap to test {100 * report['worst_class_gap']:.2f} points")
+    print(f"wrote {output_dir}")
+
+
+def define_flags():
+    from car_tf.data import flags as data_flags
+
+    flags.DEFINE_string("model", None, "Run directory, .keras file, SavedModel directory or .onnx file.",
+                        required=True)
+    flags.DEFINE_string("train_counts", None,
+                        "Training images per class as a JSON list or a JSON file; default run.json's, "
+                        "else counted from the training split.")
+    flags.DEFINE_bool("on_train", False, "Also evaluate the training split and report the worst-class gap.")
+    flags.DEFINE_string("output_dir", None, "Where to write the report; default MODEL/eval.")
+    flags.DEFINE_integer("batch_size", 128, "Evaluation batch size.")
+    data_flags.define_data_flags()
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

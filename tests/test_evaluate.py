@@ -1,0 +1,169 @@
+"""Evaluation harness: callback, predictors' errors, report writers, evaluate()."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from car_tf import evaluate as evaluate_module
+from car_tf.evaluation_callback import PerClassEvaluation
+from car_tf.metrics import per_class_report
+from car_tf.predictors import KerasPredictor, ModelNotFoundError, load_predictor, predict_dataset
+from car_tf.report import format_table
+
+NUM_CLASSES = 4
+TRAIN_COUNTS = [150, 60, 25, 8]
+CLASS_NAMES = ["red", "green", "blue", "grey"]
+
+
+def _colour_images(labels, rng, size=16):
+    """Flat-colour images, one colour per class, plus noise: separable after a few steps."""
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [120, 120, 120]], np.float32)
+    images = colours[labels][:, None, None, :] + rng.normal(0, 25, (len(labels), size, size, 3))
+    return np.clip(images, 0, 255).astype(np.float32)
+
+
+def _data(counts, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(NUM_CLASSES), counts).astype(np.int32)
+    return _colour_images(labels, rng), labels
+
+
+def _model(size=16, num_classes=NUM_CLASSES):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _dataset(images, labels, batch_size=32):
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+
+
+def test_callback_logs_and_writes_epoch_reports(tmp_path):
+    keras.utils.set_random_seed(0)
+    train_images, train_labels = _data(TRAIN_COUNTS, 0)
+    test_images, test_labels = _data([20] * NUM_CLASSES, 1)
+    model = _model()
+    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = PerClassEvaluation(_dataset(test_images, test_labels), TRAIN_COUNTS, tmp_path, CLASS_NAMES)
+    history = model.fit(_dataset(train_images, train_labels).shuffle(300, seed=0), epochs=3,
+                        callbacks=[callback], verbose=0, shuffle=False)
+    for key in ("val_top1", "val_many", "val_medium", "val_few", "val_worst_class_accuracy"):
+        assert len(history.history[key]) == 3
+    assert history.history["val_top1"][-1] > 0.5  # chance is 0.25
+    written = sorted(p.name for p in (tmp_path / "metrics").iterdir())
+    assert written == ["epoch_001.json", "epoch_002.json", "epoch_003.json"]
+    record = json.loads((tmp_path / "metrics" / "epoch_003.json").read_text())
+    expected = per_class_report(model.predict(test_images, verbose=0), test_labels, TRAIN_COUNTS, CLASS_NAMES)
+    assert record["epoch"] == 3 and "loss" in record["train_logs"]
+    assert record["top1"] == pytest.approx(expected["top1"])
+    assert record["worst_class_accuracy"] == pytest.approx(history.history["val_worst_class_accuracy"][-1])
+    assert [r["name"] for r in record["per_class"]] == CLASS_NAMES
+
+
+def test_evaluate_writes_all_outputs_and_train_gap(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = _model()
+    train_images, train_labels = _data(TRAIN_COUNTS, 2)
+    test_images, test_labels = _data([10] * NUM_CLASSES, 3)
+    report = evaluate_module.evaluate(
+        KerasPredictor(model), _dataset(test_images, test_labels), TRAIN_COUNTS, CLASS_NAMES, tmp_path,
+        train_dataset=_dataset(train_images, train_labels),
+    )
+    for name in ("report.json", "per_class.csv", "accuracy_vs_count.png", "reliability.png", "confusion.png",
+                 "train_report.json", "train_per_class.csv"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["worst_class_gap"] == pytest.approx(
+        saved["train"]["worst_class_accuracy"] - saved["worst_class_accuracy"])
+    with open(tmp_path / "per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == CLASS_NAMES and rows[3]["group"] == "few"
+    expected = per_class_report(model.predict(test_images, verbose=0), test_labels, TRAIN_COUNTS)
+    assert [float(r["accuracy"]) for r in rows] == pytest.approx([r["accuracy"] for r in expected["per_class"]])
+    table = format_table(report)
+    assert "top-1" in table and "worst classes" in table
+
+
+def test_predict_dataset_keeps_order_and_reduces_soft_labels():
+    model = _model()
+    images, labels = _data([3] * NUM_CLASSES, 4)
+    soft = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+    scores, got = predict_dataset(KerasPredictor(model), _dataset(images, soft, batch_size=5))
+    np.testing.assert_array_equal(got, labels)
+    np.testing.assert_allclose(scores, model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_load_predictor_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist") as error:
+        load_predictor(tmp_path / "missing.keras")
+    assert isinstance(error.value, ValueError)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is not a run directory"):
+        load_predictor(tmp_path / "notes.txt")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match="has no model.keras"):
+        load_predictor(run)
+
+
+def test_wrong_image_size_and_class_count_are_clear(tmp_path):
+    path = tmp_path / "model.keras"
+    _model(num_classes=3).save(path)
+    predictor = load_predictor(path)
+    assert predictor.image_size == (16, 16) and predictor.num_classes == 3
+    with pytest.raises(ValueError, match="images are 20x20 but the model expects 16x16"):
+        predictor.predict(np.zeros((2, 20, 20, 3), np.uint8))
+    images, labels = _data([2] * NUM_CLASSES, 5)
+    with pytest.raises(ValueError, match="model has 3 classes but the data has 4"):
+        evaluate_module.evaluate(predictor, _dataset(images, labels), TRAIN_COUNTS, CLASS_NAMES, tmp_path)
+
+
+def test_parse_train_counts(tmp_path):
+    assert evaluate_module.parse_train_counts("[5, 3, 1]") == [5, 3, 1]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train_counts": [7, 2]}))
+    assert evaluate_module.parse_train_counts(str(path)) == [7, 2]
+    with pytest.raises(ValueError, match="neither a JSON list nor a file"):
+        evaluate_module.parse_train_counts("counts.json")
+    with pytest.raises(ValueError, match="non-negative integers"):
+        evaluate_module.parse_train_counts("[1.5, 2]")
+
+
+@pytest.mark.slow
+def test_cli_on_an_image_folder(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    for split, counts in (("train", [6] * NUM_CLASSES), ("test", [4] * NUM_CLASSES)):
+        images, labels = _data(counts, int(rng.integers(100)))
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = tmp_path / "data" / split / f"class{label}"  # sorted folder names = label order
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    _model().save(tmp_path / "model.keras")
+    command = [sys.executable, "-m", "car_tf.evaluate", f"--model={tmp_path / 'model.keras'}",
+               "--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--imbalance_factor=1", "--on_train",
+               "--train_counts=[30, 12, 5, 3]",
+               f"--output_dir={tmp_path / 'out'}"]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "top-1" in out.stdout and "gap to test" in out.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["train_count"] for r in report["per_class"]] == [30, 12, 5, 3]
+    assert report["num_samples"] == 16 and "worst_class_gap" in report
+    wrong = subprocess.run(command + ["--image_size=24"],
+                           cwd=root, capture_output=True, text=True)
+    assert wrong.returncode != 0 and "images are 24x24 but the model expects 16x16" in wrong.stderr
