@@ -15,7 +15,13 @@ import numpy as np
 RUN_FILE = "run.json"
 RUN_MODEL_FILE = "model.keras"
 # Modules whose import registers the serialisable layers a car_tf model.keras can hold.
-SERIALIZABLE_MODULES = ("car_tf", "car_tf.models", "car_tf.regularizers", "car_tf.concutmix.model")
+SERIALIZABLE_MODULES = (
+    "car_tf",
+    "car_tf.models",
+    "car_tf.regularizers",
+    "car_tf.concutmix.model",
+    "car_tf.dlsa",
+)
 
 
 class ModelNotFoundError(FileNotFoundError, ValueError):

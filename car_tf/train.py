@@ -152,18 +152,30 @@ def build_optimizer(config, steps_per_epoch):
     )
 
 
+def classifier_head(config):
+    """(head, scale) of the classifier: the flags, except where the base loss needs a cosine head.
+
+    decoupled_reg scales cosines itself by --cosine_scale; LDAM, as released, takes plain cosines
+    (scale 1) and applies its own scale --ldam_scale.
+    """
+    if uses_base(config, "decoupled_reg"):
+        return "cosine", config.cosine_scale
+    if uses_base(config, "ldam_drw"):
+        return "cosine", 1.0
+    return config.head, config.cosine_scale
+
+
 def build_model(config, num_classes, image_size):
-    head = config.head
-    if uses_base(config, "decoupled_reg") and head != "cosine":
-        logging.info("decoupled_reg needs a cosine classifier: using --head=cosine.")
-        head = "cosine"
+    head, scale = classifier_head(config)
+    if head != config.head:
+        logging.info("This loss needs a cosine classifier (scale %s): using it.", scale)
     options = {"patch_size": config.patch_size} if config.patch_size else {}
     model = create_model(
         config.model,
         num_classes,
         input_shape=(image_size, image_size, 3),
         head=head,
-        cosine_scale=config.cosine_scale,
+        cosine_scale=scale,
         weights=config.pretrained,
         **options,
     )
