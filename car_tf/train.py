@@ -43,6 +43,7 @@ flags.DEFINE_integer("seed", 0, "Seed of weights, data order and augmentation.")
 flags.DEFINE_bool("deterministic", False, "Use deterministic TensorFlow ops (slower on GPU; exact resumes).")
 flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES, "Distribution strategy (auto: all visible GPUs).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (can help on GPUs; slow to compile).")
 flags.DEFINE_bool("eval_on_train", False, "Also report per-class accuracy on the training set at the end.")
 flags.DEFINE_bool("verbose", True, "Print a line of metrics per epoch.")
 flags.DEFINE_bool("randaugment", False, "Add RandAugment (2 ops, magnitude 10) to the training stream.")
@@ -262,6 +263,7 @@ def train_and_evaluate(config):
             optimizer=build_optimizer(config, steps),
             loss=loss,
             metrics=None if concutmix else [keras.metrics.SparseCategoricalAccuracy(name="acc")],
+            jit_compile=config.jit_compile,
         )
         callbacks = []
         if isinstance(loss, CARLoss):
@@ -280,12 +282,11 @@ def train_and_evaluate(config):
         start_epoch=initial_epoch,
         epochs=config.epochs,
     )
+    stream.update(randaugment=config.randaugment, skip_corrupt=config.skip_corrupt)
     if concutmix:
         train_ds = concutmix_stream(config, train, stream)
     else:
-        train_ds = pipelines.train_dataset(
-            train, randaugment=config.randaugment, skip_corrupt=config.skip_corrupt, **stream
-        )
+        train_ds = pipelines.train_dataset(train, **stream)
     test_ds = pipelines.eval_dataset(test, recipe=recipe, image_size=image_size, batch_size=config.batch_size)
     distribute.prepare_for_multi_worker(model, strategy, next(iter(train_ds)))
     callbacks += callbacks_for_loss(loss, config.epochs)
@@ -308,6 +309,7 @@ def train_and_evaluate(config):
             initial_epoch=initial_epoch,
             steps_per_epoch=steps,
             callbacks=callbacks,
+            shuffle=False,  # the stream is already shuffled, deterministically per epoch
             verbose=2 if config.verbose else 0,
         )
     logging.info("Training took %.1f s.", time.time() - start)

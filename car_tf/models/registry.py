@@ -101,7 +101,8 @@ def create_model(
     if unknown:
         known = ", ".join(list(accepted)[1:]) or "none"
         raise ValueError(
-            f"model {name!r} does not take option(s) {', '.join(unknown)}; its options are: {known}."
+            f"model {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"its options are: {known}."
         )
 
     images = keras.Input(shape=input_shape, dtype="float32", name="images")
@@ -126,14 +127,17 @@ def features_model(model):
             f"model {model.name!r} has no layer named 'features'; build it with "
             "car_tf.models.create_model."
         ) from None
-    return keras.Model(model.inputs, [features.output, model.outputs[0]], name=f"{model.name}_features")
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, [features.output, model.outputs[0]], name=f"{model.name}_features")
 
 
 def load_model_weights(model, path):
     """``model.load_weights(path)`` with one clear sentence when the checkpoint does not fit."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist; pass the path of a .weights.h5 file.")
+        raise ValueError(
+            f"weights file {path} does not exist; pass the path of a .weights.h5 file."
+        )
     if not (path.name.endswith(".weights.h5") or path.suffix == ".keras"):
         raise ValueError(
             f"weights file {path} is neither .weights.h5 nor .keras; save it with "
@@ -150,7 +154,9 @@ def load_model_weights(model, path):
                 f"{model_classes}; pass --num_classes={checkpoint_classes} or a checkpoint "
                 f"trained on {model_classes} classes."
             ) from error
-        reason = str(error).strip().splitlines()[-1]
+        # Keras opens with "A total of N objects could not be loaded"; the detail follows.
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        reason = lines[1 if len(lines) > 1 else 0].split(" Target variable")[0][:300]
         raise ValueError(
             f"checkpoint {path} does not fit model {model.name!r} with input shape "
             f"{tuple(model.input_shape[1:])}; build the model with the options it was trained "
@@ -164,7 +170,8 @@ def _checkpoint_classes(model, path):
     # numbered among layers of the same class in model.layers order.
     classifier = model.get_layer("classifier")
     class_name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(classifier).__name__).lower()
-    index = sum(type(layer) is type(classifier) for layer in model.layers[: model.layers.index(classifier)])
+    earlier = model.layers[: model.layers.index(classifier)]
+    index = sum(type(layer) is type(classifier) for layer in earlier)
     group = f"layers/{class_name}" + (f"_{index}" if index else "") + "/vars/0"
     try:
         if path.suffix == ".keras":

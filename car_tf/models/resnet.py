@@ -4,6 +4,8 @@ Convolutions have no bias, padding is explicit and symmetric (as in PyTorch), so
 counts match torchvision exactly: 25,557,032 and 25,028,904 with a 1000-class linear head.
 """
 
+import functools
+
 import keras
 
 from car_tf.models.registry import register_model
@@ -11,10 +13,67 @@ from car_tf.models.registry import register_model
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
 
 
+@keras.saving.register_keras_serializable(package="car_tf")
+class GroupedConv2D(keras.layers.Conv2D):
+    """keras.layers.Conv2D with ``groups`` > 1 that stays exportable on the TensorFlow backend.
+
+    Keras runs a grouped convolution on TensorFlow inside an XLA-compiled function, which tf2onnx
+    cannot convert (it writes an invalid ONNX file). Here the forward pass is TensorFlow's native
+    Conv2D op, which infers the groups from the kernel shape on CPU and GPU and converts to an ONNX
+    Conv with ``group``; only the gradient, which TensorFlow's CPU kernels lack for groups, runs
+    under XLA. Weights and config are those of keras.layers.Conv2D, without a bias: Grappler
+    fuses Conv2D + BiasAdd into a CPU kernel that rejects groups (use BatchNormalization after).
+    """
+
+    def __init__(self, *args, use_bias=False, **kwargs):
+        if use_bias:
+            raise ValueError(
+                "GroupedConv2D cannot take use_bias=True; pass use_bias=False and follow it with "
+                "BatchNormalization."
+            )
+        super().__init__(*args, use_bias=False, **kwargs)
+
+    def convolution_op(self, inputs, kernel):
+        if keras.backend.backend() != "tensorflow":
+            return super().convolution_op(inputs, kernel)
+        import tensorflow as tf
+
+        options = {
+            "strides": tuple(self.strides),
+            "padding": self.padding.upper(),
+            "dilations": tuple(self.dilation_rate),
+            "data_format": "NHWC" if self.data_format == "channels_last" else "NCHW",
+        }
+
+        gradient_of = _grouped_conv_gradient(**options)
+
+        @tf.custom_gradient
+        def convolve(x, w):
+            return tf.nn.convolution(x, w, **options), lambda upstream: gradient_of(x, w, upstream)
+
+        return convolve(inputs, tf.convert_to_tensor(kernel, dtype=inputs.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_conv_gradient(**options):
+    """An XLA-compiled function giving a grouped convolution's input and kernel gradients."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def gradient_of(x, w, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = tf.nn.convolution(x, w, **options)
+        return tape.gradient(y, [x, w], output_gradients=upstream)
+
+    return gradient_of
+
+
 def _conv_bn(x, filters, kernel_size, strides, name, groups=1, relu=True):
     if kernel_size > 1:
         x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
-    x = keras.layers.Conv2D(
+    conv = GroupedConv2D if groups > 1 else keras.layers.Conv2D
+    x = conv(
         filters, kernel_size, strides=strides, groups=groups, use_bias=False,
         kernel_initializer="he_normal", name=f"{name}_conv",
     )(x)
