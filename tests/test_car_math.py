@@ -44,6 +44,17 @@ def np_frequency_weights(counts, r0, count_based=False):
     return np.maximum(w / w.mean(), 1e-3)
 
 
+def numeric_gradient(f, x, eps):
+    """Central finite differences of the scalar function f at x."""
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        grad[idx] = (f(up) - f(down)) / (2 * eps)
+    return grad
+
+
 def cifar100_lt_counts():
     return np.floor(500 * 100.0 ** (-np.arange(100) / 99)).astype(int)
 
@@ -101,14 +112,7 @@ def test_confusion_gradient_matches_finite_differences(differentiable_gate):
                     total += probe[i, j] * gate * probs[q, i] / np.sum(labels == j)
         return total
 
-    eps = 1e-5
-    numeric = np.zeros_like(logits)
-    for idx in np.ndindex(logits.shape):
-        up, down = logits.copy(), logits.copy()
-        up[idx] += eps
-        down[idx] -= eps
-        numeric[idx] = (objective_np(up) - objective_np(down)) / (2 * eps)
-    np.testing.assert_allclose(grad, numeric, atol=2e-5)
+    np.testing.assert_allclose(grad, numeric_gradient(objective_np, logits, 1e-5), atol=2e-5)
 
 
 @pytest.mark.parametrize("count_based", [False, True])
@@ -159,13 +163,7 @@ def test_svd_sigma_value_and_gradient():
     grad = tape.gradient(sigma, a).numpy()
     a_np = a.numpy().astype(np.float64)
     assert sigma.numpy() == pytest.approx(np.linalg.norm(a_np, 2), rel=1e-5)
-    eps = 1e-4
-    numeric = np.zeros_like(a_np)
-    for idx in np.ndindex(a_np.shape):
-        up, down = a_np.copy(), a_np.copy()
-        up[idx] += eps
-        down[idx] -= eps
-        numeric[idx] = (np.linalg.norm(up, 2) - np.linalg.norm(down, 2)) / (2 * eps)
+    numeric = numeric_gradient(lambda m: np.linalg.norm(m, 2), a_np, 1e-4)
     np.testing.assert_allclose(grad, numeric, atol=1e-3)
 
 
