@@ -154,3 +154,16 @@ def test_cifar10_lt_pipeline(cifar10_dir):
     test = sources.load_dataset("cifar10", "test", data_dir=cifar10_dir)
     x, y = next(iter(pipelines.eval_dataset(test, recipe="cifar", image_size=32, batch_size=256)))
     assert x.shape == (256, 32, 32, 3) and y.numpy().tolist() == [0] * 256
+
+
+def test_imagenet_recipe_with_randaugment_builds_batches():
+    rng = np.random.default_rng(5)
+    data = LabeledData(
+        images=rng.integers(0, 256, size=(8, 40, 36, 3), dtype=np.uint8),
+        labels=np.arange(8) % 2,
+        class_names=["a", "b"],
+    )
+    images, labels = next(iter(pipelines.train_dataset(
+        data, recipe="imagenet", image_size=24, batch_size=4, seed=0, randaugment=True
+    )))
+    assert images.shape == (4, 24, 24, 3) and labels.shape == (4,)

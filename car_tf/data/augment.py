@@ -48,7 +48,8 @@ def random_resized_crop(image, seed, image_size, scale=RRC_SCALE, ratio=RRC_RATI
         use_image_if_no_bounding_boxes=True,
     )
     crop = tf.slice(image, begin, size)
-    return tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=False)
+    resized = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=False)
+    return tf.ensure_shape(resized, [image_size, image_size, 3])  # RandAugment needs static channels
 
 
 def rrc_flip(image, seed, image_size):

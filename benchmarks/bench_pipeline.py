@@ -1,0 +1,114 @@
+"""Throughput of the CIFAR training pipeline with and without the ConCutMix stage, in one run.
+
+    python benchmarks/bench_pipeline.py [--batch_size=256] [--batches=30]
+
+Data: CIFAR-10-LT (IF 100, 12,406 images) from ../shared/data/cifar10-jpg.tar.gz, unpacked to a
+temporary folder, both as JPEG files decoded per step and decoded once into memory; synthetic
+uint8 arrays of the same size where the tarball is absent. The plain pipeline is
+car_tf.data.train_dataset (recipe "cifar": pad-4 crop + flip); the ConCutMix pipeline adds
+concutmix_stage on top (class-balanced partners with the same crop + flip, CutMix, two more
+crop + flip views of every image), with the crop + flip run per image (per_image(pad_crop_flip))
+or batch-wide (batch_pad_crop_flip). Prints a markdown table of images/s (stream images, i.e.
+batch_size per batch) and the ratios with / without the stage.
+"""
+
+import os
+import pathlib
+import tarfile
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from car_tf.concutmix import batch_pad_crop_flip, concutmix_stage, per_image  # noqa: E402
+from car_tf.data import LabeledData, load_dataset, steps_per_epoch, train_dataset  # noqa: E402
+from car_tf.data.augment import pad_crop_flip  # noqa: E402
+from car_tf.data.longtail import longtail_counts  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TARBALL = SHARED_DATA / "cifar10-jpg.tar.gz"
+
+flags.DEFINE_integer("batch_size", 256, "Batch size (ConCutMix's released CIFAR batch).")
+flags.DEFINE_integer("batches", 30, "Timed batches per pipeline.")
+flags.DEFINE_integer("warmup", 5, "Batches drawn before timing (tracing, buffers).")
+FLAGS = flags.FLAGS
+
+
+def cifar10_lt(workdir):
+    """{source name: LabeledData} for CIFAR-10-LT from the tarball, or synthetic when absent."""
+    if not TARBALL.is_file():
+        counts = longtail_counts(5000, 10, 100)
+        labels = np.repeat(np.arange(10), counts).astype(np.int32)
+        images = np.random.default_rng(0).integers(0, 256, (labels.size, 32, 32, 3), np.uint8)
+        names = [str(c) for c in range(10)]
+        return {"synthetic memory": LabeledData(labels=labels, class_names=names, images=images)}
+    with tarfile.open(TARBALL) as tar:
+        tar.extractall(workdir, filter="data")
+    tree = next(p.parent for p in pathlib.Path(workdir).rglob("train") if p.is_dir())
+    files = load_dataset("cifar10", "train", data_dir=tree, imbalance_factor=100)
+    decoded = np.stack(
+        [tf.io.decode_jpeg(tf.io.read_file(path), channels=3).numpy() for path in files.paths]
+    )
+    memory = LabeledData(labels=files.labels, class_names=files.class_names, images=decoded)
+    return {"JPEG files": files, "memory": memory}
+
+
+def images_per_second(dataset, batch_size):
+    iterator = iter(dataset)
+    for _ in range(FLAGS.warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(FLAGS.batches):
+        tf.nest.map_structure(lambda t: t.numpy(), next(iterator))
+    return FLAGS.batches * batch_size / (time.perf_counter() - start)
+
+
+def pipelines(data):
+    batch = FLAGS.batch_size
+    epochs = 1 + (FLAGS.warmup + FLAGS.batches) // steps_per_epoch(data, batch)
+
+    def stream():
+        return train_dataset(
+            data, recipe="cifar", image_size=32, batch_size=batch, seed=0, epochs=epochs
+        )
+
+    def staged(crop_flip):
+        return concutmix_stage(
+            stream(),
+            data,
+            num_classes=data.num_classes,
+            seed=0,
+            view_augment=crop_flip,
+            partner_augment=crop_flip,
+            steps_per_epoch=steps_per_epoch(data, batch),
+            image_size=32,
+        ).prefetch(tf.data.AUTOTUNE)
+
+    return stream(), staged(per_image(pad_crop_flip)), staged(batch_pad_crop_flip)
+
+
+def main(_):
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, data in cifar10_lt(workdir).items():
+            speeds = [images_per_second(ds, FLAGS.batch_size) for ds in pipelines(data)]
+            rows.append((name, *speeds))
+    print(
+        f"\nCIFAR-10-LT pipeline, batch {FLAGS.batch_size}, {FLAGS.batches} timed batches, "
+        f"{os.cpu_count()} CPU cores; images/s (ratio to plain)\n"
+    )
+    print("| source | plain | + ConCutMix, per-image crop-flip | + ConCutMix, batch crop-flip |")
+    print("| --- | --- | --- | --- |")
+    for name, plain, per_image_speed, batch_speed in rows:
+        print(
+            f"| {name} | {plain:.0f} | {per_image_speed:.0f} ({per_image_speed / plain:.2f}) "
+            f"| {batch_speed:.0f} ({batch_speed / plain:.2f}) |"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,94 @@
+"""ConCutMix (Pan et al., TIP 2024): class-balanced CutMix with rectified labels, plus BCL.
+
+Pieces: ``concutmix_stage`` (tf.data; ``concutmix_training_stream`` adds it to the car_tf
+training stream), the pure label functions in ``rectification``,
+``balanced_contrastive_loss``, ``ConCutMixModel`` (the train step) and the released
+hyperparameters per data set in ``CONCUTMIX_DEFAULTS``.
+"""
+from car_tf.concutmix.contrastive import balanced_contrastive_loss
+from car_tf.concutmix.model import ConCutMixModel
+from car_tf.concutmix.rectification import (
+    class_prototypes,
+    rectification_weight,
+    rectify,
+    semantic_label,
+)
+from car_tf.concutmix.stage import (
+    balanced_indices,
+    batch_pad_crop_flip,
+    concutmix_stage,
+    concutmix_training_stream,
+    per_image,
+)
+
+# Released settings (SPEC.md section 2). "tau" is the logit-adjustment strength of the CE term
+# (released range 0.75-1.0 on CIFAR); the model keys match ConCutMixModel's arguments. SPEC.md
+# gives no l_d_warm or batch size for ImageNet-LT / iNaturalist: l_d_warm keeps the CIFAR value
+# (so with 90 or 100 epochs rectification starts late or never) and batch_size is left out.
+_CIFAR = {
+    "backbone": "resnet32",
+    "projection_dim": 128,
+    "alpha": 2.0,
+    "beta": 0.6,
+    "temperature": 0.1,
+    "tau": 1.0,
+    "l_d_warm": 100,
+    "top_k": 30,
+    "omega": 20 / 255,
+    "epochs": 200,
+    "batch_size": 256,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "learning_rate": 0.15,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 5,
+    "lr_schedule": "step",
+    "lr_decay_epochs": (160, 180),
+    "augment": "autoaugment",
+}
+_IMAGENET_LT = {
+    **{key: value for key, value in _CIFAR.items() if key != "batch_size"},
+    "backbone": "resnet50",
+    "cosine_classifier_scale": 30.0,
+    "projection_dim": 1024,
+    "alpha": 1.0,
+    "beta": 0.35,
+    "temperature": 0.07,
+    "tau": 0.99,
+    "top_k": 30,
+    "omega": 200 / 255,
+    "epochs": 90,
+    "learning_rate": 0.1,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 0,
+    "lr_schedule": "cosine",
+    "lr_decay_epochs": (),
+    "augment": "randaugment_n2_m10",
+}
+CONCUTMIX_DEFAULTS = {
+    "cifar10": {**_CIFAR, "top_k": 3, "omega": 2 / 255},
+    "cifar100": dict(_CIFAR),
+    "imagenet_lt": _IMAGENET_LT,
+    "inat2018": {
+        **_IMAGENET_LT,
+        "epochs": 100,
+        "learning_rate": 0.2,
+        "weight_decay": 1e-4,
+        "omega": 1628 / 255,
+    },
+}
+
+__all__ = [
+    "CONCUTMIX_DEFAULTS",
+    "ConCutMixModel",
+    "balanced_contrastive_loss",
+    "balanced_indices",
+    "batch_pad_crop_flip",
+    "class_prototypes",
+    "concutmix_stage",
+    "concutmix_training_stream",
+    "per_image",
+    "rectification_weight",
+    "rectify",
+    "semantic_label",
+]
