@@ -77,8 +77,26 @@ def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, tra
             report["worst_class_accuracy"] / train_report["worst_class_accuracy"]
             if train_report["worst_class_accuracy"] > 0 else None
         )
+    decoupled = decoupled_report(predictor, test_dataset, train_counts)
+    if decoupled is not None:
+        report["decoupled"] = decoupled
     write_report(report, output_dir, confusion)
     return report
+
+
+def decoupled_report(predictor, dataset, train_counts):
+    """Classifier norm, feature norm and target cosine per group (the decoupled loss's analysis).
+
+    Only a Keras model exposes its "features" and "classifier" layers; for SavedModel and ONNX
+    files this returns None.
+    """
+    from car_tf.decoupled_diagnostics import decoupled_quantities
+
+    model = getattr(predictor, "model", None)
+    names = {layer.name for layer in getattr(model, "layers", ())}
+    if not {"features", "classifier"} <= names:
+        return None
+    return decoupled_quantities(model, dataset, train_counts)
 
 
 def default_output_dir(model_path):

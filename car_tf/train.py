@@ -23,6 +23,7 @@ from car_tf.car_callback import CARCallback
 from car_tf.car_state import attach_car_state
 from car_tf.data import pipelines
 from car_tf.data.flags import datasets_from_flags, define_data_flags
+from car_tf.evaluate import decoupled_report
 from car_tf.evaluation_callback import PerClassEvaluation
 from car_tf.losses.car_loss import CARLoss
 from car_tf.losses.registry import BASE_LOSSES, callbacks_for_loss, get_base_loss
@@ -324,6 +325,8 @@ def finish(config, model, classifier, train, test_ds, recipe, image_size, write_
     predictor = KerasPredictor(serving)
     scores, labels = predict_dataset(predictor, test_ds)
     report = per_class_report(scores, labels, counts, train.class_names)
+    if uses_base(config, "decoupled_reg"):
+        report["decoupled"] = decoupled_report(predictor, test_ds, counts)
     if config.eval_on_train:
         train_ds = pipelines.eval_dataset(train, recipe=recipe, image_size=image_size, batch_size=config.batch_size)
         train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train.class_names)

@@ -89,6 +89,14 @@ def test_evaluate_writes_all_outputs_and_train_gap(tmp_path):
     assert [float(r["accuracy"]) for r in rows] == pytest.approx([r["accuracy"] for r in expected["per_class"]])
     table = format_table(report)
     assert "top-1" in table and "worst classes" in table
+    # A Keras model also gets the decoupled loss's per-group quantities, checked against NumPy.
+    kernel = model.get_layer("classifier").kernel.numpy()
+    few_norm = np.linalg.norm(kernel[:, 3])
+    assert saved["decoupled"]["few"]["classifier_norm"] == pytest.approx(few_norm, rel=1e-5)
+    features = keras.Model(model.inputs, model.get_layer("features").output).predict(test_images, verbose=0)
+    many = np.isin(test_labels, [0])
+    assert saved["decoupled"]["many"]["feature_norm"] == pytest.approx(
+        np.linalg.norm(features[many], axis=1).mean(), rel=1e-4)
 
 
 def test_predict_dataset_keeps_order_and_reduces_soft_labels():

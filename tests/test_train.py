@@ -165,3 +165,11 @@ def test_two_workers_on_loopback_end_with_identical_weights(tiny_folder, tmp_pat
     for name in chief_state:
         np.testing.assert_allclose(chief_state[name][()], worker_state[name][()], atol=1e-6)
     assert chief_state["0"][()].sum() > 0  # the EMA confusion matrix was updated
+
+
+def test_nan_loss_stops_with_one_sentence(tmp_path):
+    guard = train_cli.NaNGuard(tmp_path / "checkpoints")
+    guard.on_epoch_begin(3)
+    guard.on_train_batch_end(0, {"loss": 0.7})
+    with pytest.raises(FloatingPointError, match=r"became nan at epoch 3, step 5; lower --lr"):
+        guard.on_train_batch_end(5, {"loss": float("nan")})

@@ -21,6 +21,7 @@ from keras import ops
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 from car_tf import confusion, spectral
+from car_tf.losses.registry import get_base_loss
 
 EMA_INITS = ("first_batch", "zeros")
 
@@ -83,8 +84,6 @@ class CARLoss(keras.losses.Loss):
         self.num_classes = int(counts.size)
         self.base_kwargs = dict(base_kwargs or {})
         if isinstance(base, str):
-            from car_tf.losses.registry import get_base_loss  # registry imports every base loss
-
             self.base_name = base
             self.base = get_base_loss(base, counts, **self.base_kwargs)
         else:
