@@ -1,6 +1,6 @@
 """Accuracy of every method on CIFAR-10-LT (IF 100) with one seed and one schedule, as a table.
 
-    python benchmarks/bench_accuracy.py --data_dir=../shared/data/cifar10-jpg.tar.gz \
+    python -m benchmarks.bench_accuracy --data_dir=../shared/data/cifar10-jpg.tar.gz \
         --epochs=8 --output_dir=runs/bench_accuracy [--methods=ce,ldam_drw,...]
 
 Each method trains ResNet-32 with the same seed, data order and schedule (SGD 0.9, lr 0.1, 1

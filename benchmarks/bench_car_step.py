@@ -1,6 +1,6 @@
 """Training-step time of CAR against plain CE, and the penalty's cost at large K, in one run.
 
-    python benchmarks/bench_car_step.py [--steps=20] [--skip_svd_8142]
+    python -m benchmarks.bench_car_step [--steps=20] [--skip_svd_8142]
 
 Prints two markdown tables:
 1. seconds per training step (model.fit, same model, batch and data) for CE and CAR:
@@ -38,12 +38,12 @@ def longtail_counts(k, n_max=1000, imbalance=100):
 
 def step_time(build_model, x, y, loss):
     model = build_model()
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss=loss)
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, jit_compile=False)
     callbacks = [car_tf.CARCallback(loss)] if isinstance(loss, car_tf.CARLoss) else []
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size).repeat()
-    model.fit(data, steps_per_epoch=3, epochs=1, verbose=0, callbacks=callbacks)  # trace + warm up
+    model.fit(data, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)  # trace, warm up
     start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0, callbacks=callbacks)
+    model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
     return (time.perf_counter() - start) / FLAGS.steps
 
 

@@ -1,6 +1,6 @@
 """Throughput of the CIFAR training pipeline with and without the ConCutMix stage, in one run.
 
-    python benchmarks/bench_pipeline.py [--batch_size=256] [--batches=30]
+    python -m benchmarks.bench_pipeline [--batch_size=256] [--batches=30]
 
 Data: CIFAR-10-LT (IF 100, 12,406 images) from ../shared/data/cifar10-jpg.tar.gz, unpacked to a
 temporary folder, both as JPEG files decoded per step and decoded once into memory; synthetic

@@ -25,7 +25,7 @@ def label_memberships(y_true, num_classes, label_classes=2):
     return ops.cast(ids, "int32"), weights
 
 
-def confusion_terms(
+def contributions(
     logits,
     y_true,
     temperature=1.0,
@@ -33,11 +33,12 @@ def confusion_terms(
     differentiable_gate=False,
     label_classes=2,
 ):
-    """Unnormalised batch confusion: (numerator [K, K], class mass in the batch [K]).
+    """Per-membership rows of the surrogate: (contrib [B*m, K], true class [B*m], weight [B*m]).
 
-    contrib[q, i] = gate(f_i - f_j + margin) * softmax(f / temperature)_i for i != j, with the
-    sigmoid gate under stop-gradient unless ``differentiable_gate``. Keeping numerator and mass apart
-    lets replicas all-reduce both before dividing.
+    contrib[q, i] = weight_q * gate(f_i - f_j + margin) * softmax(f / temperature)_i for i != j
+    (0 at i = j), j the row's true class, with the sigmoid gate under stop-gradient unless
+    ``differentiable_gate``. The rows are all a batch contributes, so replicas can exchange them
+    (B * m * K numbers) instead of K x K matrices.
     """
     logits = ops.cast(logits, "float32")
     num_classes = logits.shape[-1]
@@ -49,12 +50,23 @@ def confusion_terms(
     probs = ops.softmax(logits / temperature, axis=-1)[:, None, :]
     off_true = 1.0 - ops.one_hot(ids, num_classes, dtype="float32")
     contrib = gate * probs * off_true * weights[:, :, None]  # [B, m, K]
-    flat_ids = ops.reshape(ids, (-1,))
-    by_true_class = ops.segment_sum(
-        ops.reshape(contrib, (-1, num_classes)), flat_ids, num_segments=num_classes
-    )  # [K (true j), K (predicted i)]
-    mass = ops.segment_sum(ops.reshape(weights, (-1,)), flat_ids, num_segments=num_classes)
+    return (
+        ops.reshape(contrib, (-1, num_classes)),
+        ops.reshape(ids, (-1,)),
+        ops.reshape(weights, (-1,)),
+    )
+
+
+def class_sums(contrib, ids, weights, num_classes):
+    """(numerator [K, K], class mass [K]): contributions summed per true class (column)."""
+    by_true_class = ops.segment_sum(contrib, ids, num_segments=num_classes)  # [K (j), K (i)]
+    mass = ops.segment_sum(weights, ids, num_segments=num_classes)
     return ops.transpose(by_true_class), mass
+
+
+def confusion_terms(logits, y_true, **kwargs):
+    """Unnormalised batch confusion (numerator [K, K], class mass [K]); options as in contributions."""
+    return class_sums(*contributions(logits, y_true, **kwargs), logits.shape[-1])
 
 
 def normalize_confusion(numerator, mass):
@@ -96,7 +108,9 @@ def weighted_confusion(ema, weights):
 
 __all__ = [
     "batch_confusion",
+    "class_sums",
     "confusion_terms",
+    "contributions",
     "ema_update",
     "frequency_weights",
     "label_memberships",

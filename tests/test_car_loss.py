@@ -8,7 +8,7 @@ import tensorflow as tf
 import car_tf
 from car_tf.car_state import attach_car_state
 from strategy_helpers import assert_results_close, run_under_strategies
-from test_car_math import np_batch_confusion, np_frequency_weights, np_softmax
+from test_car_math import np_batch_confusion, np_frequency_weights, np_softmax, numeric_gradient
 
 COUNTS = [40, 20, 8, 4]
 
@@ -205,3 +205,37 @@ def test_validation_leaves_the_ema_alone():
               validation_data=(x, y), callbacks=[car_tf.CARCallback()])
     np.testing.assert_allclose(model.car_state.ema.numpy(), plain.car_state.ema.numpy(), atol=1e-7)
     assert model.car_state.updating.numpy() == 1.0
+
+
+@pytest.mark.parametrize("spectral_method", ["svd", "power"])
+def test_loss_gradient_matches_finite_differences(spectral_method):
+    rng = np.random.default_rng(7)
+    beta, lam = 0.6, 0.5
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), spec_lambda=lam, beta=beta,
+                          spectral_method=spectral_method, power_iterations=200)
+    with_state(loss)
+    labels0 = np.array([0, 1, 2, 3, 0, 1])
+    loss(labels0, rng.normal(size=(6, 4)).astype(np.float32))  # first step: the EMA starts
+    previous = loss.state.ema.numpy().astype(np.float64)
+    labels = np.array([0, 0, 1, 2, 3, 3, 1])
+    x = rng.normal(size=(7, 4))
+    z = tf.constant(x.astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        value = loss(labels, z)
+    grad = tape.gradient(value, z).numpy()
+    w = np_frequency_weights(COUNTS, 0.2)
+
+    def objective(z):  # the released code's gate carries no gradient: it stays at x
+        probs_z = np_softmax(z)
+        current = np.zeros((4, 4))
+        for q, j in enumerate(labels):
+            for i in range(4):
+                if i != j:
+                    gate = 1.0 / (1.0 + np.exp(-(x[q, i] - x[q, j])))
+                    current[i, j] += gate * probs_z[q, i] / np.sum(labels == j)
+        ema = beta * previous + (1 - beta) * current
+        return np_ce(z, labels).mean() + lam * np.linalg.norm(ema * w[None, :], 2)
+
+    numeric = numeric_gradient(objective, x, 1e-5)
+    np.testing.assert_allclose(grad, numeric, atol=2e-5)

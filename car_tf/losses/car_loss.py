@@ -7,11 +7,11 @@ on the model so that checkpoints carry it::
     model.compile(optimizer, loss=loss)
     model.fit(ds, callbacks=[car_tf.CARCallback(loss)])
 
-Distribution: each replica computes its share of the batch confusion, the shares are summed
-across replicas (all-reduce) before normalising, and every replica then holds the same EMA and
+Distribution: replicas exchange their batch's contribution rows (all-gather, B * m * K numbers
+rather than a K x K matrix), so every replica builds the same global batch confusion, EMA and
 penalty. The penalty is added to every per-sample loss, so Keras's per-sample mean and its division
-by the replica count leave penalty / replicas per replica; the all-reduce's gradient sums the
-replicas' shares back to exactly d penalty / dC.
+by the replica count leave penalty / replicas per replica; each replica's gradient on its own rows
+is scaled back by the replica count, so the summed gradient is exactly d penalty / d rows.
 """
 
 import keras
@@ -128,9 +128,15 @@ class CARLoss(keras.losses.Loss):
         return per_sample + self.state.spec_lambda * sigma
 
     def penalty(self, logits, y_true):
-        """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect."""
+        """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect.
+
+        The K x K work is forward-only. sigma is a function of this batch's contribution rows
+        through Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the
+        rows directly: d sigma / d contrib[q, i] = (1 - beta) u_i v_j w_j / max(1, mass_j) for a
+        row of true class j (u, v the top singular vectors of A). No K x K gradient is formed.
+        """
         state = self.state
-        numerator, mass = confusion.confusion_terms(
+        contrib, ids, weights = confusion.contributions(
             logits,
             _checked_labels(y_true, self.num_classes),
             temperature=self.temperature,
@@ -138,37 +144,47 @@ class CARLoss(keras.losses.Loss):
             differentiable_gate=self.differentiable_gate,
             label_classes=self.label_classes,
         )
+        rows = [ops.stop_gradient(contrib), ids, weights]
         replica = tf.distribute.get_replica_context()
-        if replica is not None and replica.num_replicas_in_sync > 1:
-            numerator, mass = replica.all_reduce(tf.distribute.ReduceOp.SUM, [numerator, mass])
+        replicas = replica.num_replicas_in_sync if replica is not None else 1
+        if replicas > 1:  # every replica builds the same global C_t from all replicas' rows
+            rows = replica.all_gather(rows, axis=0)
+        numerator, mass = confusion.class_sums(*rows, self.num_classes)
         current = confusion.normalize_confusion(numerator, mass)
         initialized = 1.0 if self.ema_init == "zeros" else state.initialized
-        updating = ops.cast(state.updating, "bool")
+        updating = ops.cast(state.updating, "float32")
         # Evaluation (updating = 0) scores the stored EMA and changes no state.
         ema = ops.where(
-            updating,
+            updating > 0,
             confusion.ema_update(state.ema, current, self.beta, initialized),
-            ops.stop_gradient(state.ema),
+            state.ema,
         )
-        a = confusion.weighted_confusion(ema, ops.convert_to_tensor(self.weights))
+        frequency = ops.convert_to_tensor(self.weights)
+        a = confusion.weighted_confusion(ema, frequency)
         if self.spectral_method == "svd":
             u, v = spectral.top_singular_vectors_svd(a)
         else:
             u, v = spectral.power_iteration(a, state.power_v, self.power_iterations)
-            state.power_v.assign(ops.where(updating, v, state.power_v))
-        sigma = spectral.spectral_norm(a, u, v)
+            state.power_v.assign(ops.where(updating > 0, v, state.power_v))
         sigma = tf.debugging.check_numerics(
-            sigma,
+            spectral.spectral_norm(a, u, v),
             "CAR penalty is NaN or Inf; lower the learning rate or check the inputs and logits "
             "for NaN",
         )
-        step = ops.cast(updating, "float32")
-        state.ema.assign(ops.stop_gradient(ema))
-        state.initialized.assign(ops.maximum(state.initialized, step))
-        state.last_sigma.assign(ops.where(updating, ops.stop_gradient(sigma), state.last_sigma))
-        state.sigma_sum.assign_add(step * ops.stop_gradient(sigma))
-        state.sigma_count.assign_add(step)
-        return sigma
+        state.ema.assign(ema)
+        state.initialized.assign(ops.maximum(state.initialized, updating))
+        state.last_sigma.assign(ops.where(updating > 0, sigma, state.last_sigma))
+        state.sigma_sum.assign_add(updating * sigma)
+        state.sigma_count.assign_add(updating)
+
+        # First step of the released code (sg(C_1)) and evaluation: no gradient.
+        scale = (1.0 - self.beta) * ops.cast(initialized, "float32") * updating
+        per_class = scale * v * frequency / ops.maximum(mass, 1.0)  # [K], indexed by true class
+        row_grad = ops.stop_gradient(u[None, :] * ops.take(per_class, ids)[:, None])  # [B*m, K]
+        # Keras divides each replica's loss by the replica count; the rows of every replica
+        # reach sigma, so each replica's share of the gradient is scaled back up.
+        linear = replicas * ops.sum(contrib * row_grad)
+        return ops.stop_gradient(sigma) + linear - ops.stop_gradient(linear)
 
     def get_config(self):
         config = super().get_config()
