@@ -41,9 +41,10 @@ def step_time(build_model, x, y, loss):
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, jit_compile=False)
     callbacks = [car_tf.CARCallback(loss)] if isinstance(loss, car_tf.CARLoss) else []
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size).repeat()
-    model.fit(data, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)  # trace, warm up
+    fit = dict(epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    model.fit(data, steps_per_epoch=3, **fit)  # trace and warm up
     start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    model.fit(data, steps_per_epoch=FLAGS.steps, **fit)
     return (time.perf_counter() - start) / FLAGS.steps
 
 
@@ -84,7 +85,7 @@ def penalty_time(a, method, v):
             u, v = spectral.power_iteration(a, v, 4)
         return spectral.spectral_norm(a, u, v), v
 
-    evaluate(a, v)
+    evaluate.get_concrete_function(a, v)  # trace without running (an SVD at K = 8142 takes minutes)
     repeats = 1 if (method == "svd" and a.shape[0] > 1024) else FLAGS.penalty_repeats
     start = time.perf_counter()
     for _ in range(repeats):
