@@ -25,9 +25,9 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from car_tf.concutmix import batch_pad_crop_flip, concutmix_stage, per_image  # noqa: E402
-from car_tf.data import LabeledData, load_dataset, steps_per_epoch, train_dataset  # noqa: E402
+from car_tf.data import LabeledData, load_dataset, read_image_folder, steps_per_epoch, train_dataset  # noqa: E402
 from car_tf.data.augment import pad_crop_flip  # noqa: E402
-from car_tf.data.longtail import longtail_counts  # noqa: E402
+from car_tf.data.longtail import longtail_counts, subsample_longtail  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TARBALL = SHARED_DATA / "cifar10-jpg.tar.gz"
@@ -49,12 +49,10 @@ def cifar10_lt(workdir):
     with tarfile.open(TARBALL) as tar:
         tar.extractall(workdir, filter="data")
     tree = next(p.parent for p in pathlib.Path(workdir).rglob("train") if p.is_dir())
-    files = load_dataset("cifar10", "train", data_dir=tree, imbalance_factor=100)
-    decoded = np.stack(
-        [tf.io.decode_jpeg(tf.io.read_file(path), channels=3).numpy() for path in files.paths]
-    )
-    memory = LabeledData(labels=files.labels, class_names=files.class_names, images=decoded)
-    return {"JPEG files": files, "memory": memory}
+    memory = load_dataset("cifar10", "train", data_dir=tree, imbalance_factor=100)  # decoded once
+    folder = read_image_folder(tree / "train")
+    files = folder.subset(subsample_longtail(folder.labels, memory.counts()))
+    return {"JPEG files": files, "memory (what car_tf.train uses for CIFAR)": memory}
 
 
 def images_per_second(dataset, batch_size):

@@ -207,7 +207,28 @@ def load_dataset(
             n_max = data.counts().max()
             counts = longtail.longtail_counts(n_max, data.num_classes, imbalance_factor, profile)
             data = data.subset(longtail.subsample_longtail(data.labels, counts))
+    if name in CIFAR and data.paths is not None:
+        data = decode_into_memory(data)
     return data
+
+
+def decode_into_memory(data):
+    """The same images decoded once into a uint8 array (all must share one size, as CIFAR's do).
+
+    Small data sets then cost no JPEG decoding per epoch (CIFAR-10-LT: 12,406 images, 38 MB).
+    """
+    import tensorflow as tf
+
+    images = []
+    for path in data.paths:
+        try:
+            encoded = tf.io.read_file(path)
+            images.append(tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy())
+        except tf.errors.OpError:
+            raise ValueError(f"Image {path} cannot be decoded; replace or remove the file.") from None
+    if len({image.shape for image in images}) > 1:
+        raise ValueError(f"Images under {os.path.dirname(data.paths[0])} differ in size; resize them to one size.")
+    return LabeledData(images=np.stack(images), labels=data.labels, class_names=data.class_names)
 
 
 def _existing_dir(data_dir, name):
