@@ -32,11 +32,12 @@ flags.DEFINE_list("extra", [], "Extra train flags for every method, e.g. --extra
 FLAGS = flags.FLAGS
 
 
-def run_method(name, common):
-    run_dir = pathlib.Path(FLAGS.output_dir) / name
+def run_method(name, common, output_dir):
+    """Trains one method (unless output_dir/name already has a report); returns (report, seconds)."""
+    run_dir = pathlib.Path(output_dir) / name
     if (run_dir / "report.json").exists():
         return json.loads((run_dir / "report.json").read_text()), None
-    argv = [*common, *METHOD_FLAGS[name], *FLAGS.extra, f"--model_dir={run_dir}"]
+    argv = [*common, *METHOD_FLAGS[name], f"--model_dir={run_dir}"]
     FLAGS.unparse_flags()
     FLAGS(["train", *argv])
     start = time.time()
@@ -64,10 +65,12 @@ def main(argv):
         f"--ccm_l_d_warm={max(1, epochs // 2)}",
         "--ccm_top_k=3",
         "--ccm_omega=0.0078431373",
+        *FLAGS.extra,
     ]
-    methods, rows = FLAGS.methods, []
+    # Read before the first run: each run re-parses the shared flags from its own argument list.
+    methods, output_dir, rows = FLAGS.methods, FLAGS.output_dir, []
     for name in methods:
-        report, seconds = run_method(name, common)
+        report, seconds = run_method(name, common, output_dir)
         rows.append((name, report, seconds))
     print(f"CIFAR-10-LT IF 100, ResNet-32, {epochs} epochs, batch 128, seed {FLAGS.seed}\n")
     print("| method | top-1 | many | medium | few | worst class (test) | worst class (train) "
