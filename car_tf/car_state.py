@@ -2,7 +2,7 @@
 
 Attached as ``model.car_state`` it is saved by ``model.save_weights``, ModelCheckpoint and
 BackupAndRestore with everything else. Every weight uses aggregation "only_first_replica": all
-replicas compute the same update from the all-reduced batch confusion, so one copy is enough and the
+replicas compute the same update from the gathered batch confusion, so one copy is enough and the
 variable stays identical on every replica.
 """
 
