@@ -45,19 +45,19 @@ def is_chief():
     return task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief
 
 
-def prepare_for_multi_worker(model, strategy, batch):
+def prepare_for_multi_worker(model, strategy, dataset):
     """Works around two Keras 3.15 bugs with MultiWorkerMirroredStrategy (tensorflow#72388).
 
     1. fit starts with a build pass that reduces the first distributed batch with
        ``strategy.reduce``, which fails on the PerReplica values of a distributed dataset: build
-       the compiled loss and metrics from a plain host batch instead, and skip that pass.
+       the compiled loss and metrics from the first batch of ``dataset`` instead, and skip that pass.
     2. The step's logs are reduced with ``reduce("MEAN", value, axis=0)``, which fails on
        scalars: give each log value a leading axis of 1, which that reduction averages away.
     """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
     with strategy.scope():
-        model._symbolic_build(data_batch=batch)
+        model._symbolic_build(data_batch=next(iter(dataset)))
     model._maybe_symbolic_build = lambda *args, **kwargs: None
     train_step = model.train_step
     model.train_step = lambda data: {

@@ -282,14 +282,15 @@ def train_and_evaluate(config):
         seed=config.seed,
         start_epoch=initial_epoch,
         epochs=config.epochs,
+        randaugment=config.randaugment,
+        skip_corrupt=config.skip_corrupt,
     )
-    stream.update(randaugment=config.randaugment, skip_corrupt=config.skip_corrupt)
     if concutmix:
         train_ds = concutmix_stream(config, train, stream)
     else:
         train_ds = pipelines.train_dataset(train, **stream)
     test_ds = pipelines.eval_dataset(test, recipe=recipe, image_size=image_size, batch_size=config.batch_size)
-    distribute.prepare_for_multi_worker(model, strategy, next(iter(train_ds)))
+    distribute.prepare_for_multi_worker(model, strategy, train_ds)
     callbacks += callbacks_for_loss(loss, config.epochs)
     if uses_base(config, "decoupled_reg"):
         from car_tf.decoupled_diagnostics import DecoupledDiagnostics
