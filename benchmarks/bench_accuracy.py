@@ -23,6 +23,7 @@ METHOD_FLAGS = {
     "ldam_drw": ["--method=ldam_drw", "--lr_decay_factor=0.01"],
     "logit_adjusted": ["--method=logit_adjusted"],
     "car": ["--method=car"],
+    "car_logit_adjusted": ["--method=car", "--base_loss=logit_adjusted"],
     "car_concutmix": ["--method=car", "--concutmix", "--base_loss=logit_adjusted"],
     "decoupled_reg": ["--method=decoupled_reg"],
 }
