@@ -35,9 +35,18 @@ def make_strategy(name="auto"):
     raise ValueError(f"--strategy={name!r} is not known; use one of {', '.join(STRATEGIES)}.")
 
 
+def _tf_config():
+    return json.loads(os.environ.get("TF_CONFIG", "{}"))
+
+
+def task_index():
+    """This process's task index in TF_CONFIG (0 outside a cluster)."""
+    return _tf_config().get("task", {}).get("index", 0)
+
+
 def is_chief():
     """True on the process that writes the run directory: the chief, else worker 0, else alone."""
-    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    config = _tf_config()
     task = config.get("task")
     if not task or task.get("type") == "chief":
         return True

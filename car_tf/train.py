@@ -9,7 +9,6 @@ per-class report (report.json, per_class.csv, plots).
 """
 
 import json
-import os
 import pathlib
 import sys
 import time
@@ -232,7 +231,6 @@ def write_run_files(run_dir, config, train, recipe, image_size):
         "concutmix": config.concutmix or config.method == "concutmix",
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=1))
-    return info
 
 
 def train_and_evaluate(config):
@@ -247,7 +245,7 @@ def train_and_evaluate(config):
     keras.utils.set_random_seed(config.seed)
     chief = distribute.is_chief()
     run_dir = pathlib.Path(config.model_dir)
-    write_dir = run_dir if chief else run_dir / "workers" / str(_task_index())
+    write_dir = run_dir if chief else run_dir / "workers" / str(distribute.task_index())
 
     train, test, recipe, image_size = datasets_from_flags(config)
     counts = train.counts()
@@ -296,8 +294,9 @@ def train_and_evaluate(config):
         from car_tf.decoupled_diagnostics import DecoupledDiagnostics
 
         callbacks.append(DecoupledDiagnostics(test_ds, counts))
+    evaluation = PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train.class_names)
     callbacks += [
-        PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train.class_names),
+        evaluation,
         NaNGuard(write_dir / "checkpoints"),
         checkpointing.EpochCheckpoint(write_dir / "checkpoints", write=chief),
         keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
@@ -315,17 +314,18 @@ def train_and_evaluate(config):
             verbose=2 if config.verbose else 0,
         )
     logging.info("Training took %.1f s.", time.time() - start)
-    return finish(config, model, classifier, train, test_ds, recipe, image_size, write_dir)
+    # The last epoch's evaluation already scored the final weights; a resumed, finished run has none.
+    return finish(config, classifier, train, test_ds, recipe, image_size, write_dir, evaluation.last_report)
 
 
-def finish(config, model, classifier, train, test_ds, recipe, image_size, write_dir):
-    """Saves the plain classifier and writes the final per-class report."""
+def finish(config, classifier, train, test_ds, recipe, image_size, write_dir, report=None):
+    """Saves the plain classifier and writes the final per-class report (computed if not given)."""
     serving = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)
     serving.save(str(write_dir / "model.keras"))
     counts = train.counts()
     predictor = KerasPredictor(serving)
-    scores, labels = predict_dataset(predictor, test_ds)
-    report = per_class_report(scores, labels, counts, train.class_names)
+    if report is None:
+        report = per_class_report(*predict_dataset(predictor, test_ds), counts, train.class_names)
     if uses_base(config, "decoupled_reg"):
         report["decoupled"] = decoupled_report(predictor, test_ds, counts)
     if config.eval_on_train:
@@ -359,10 +359,6 @@ def concutmix_stream(config, train, stream):
     from car_tf.concutmix.stage import concutmix_training_stream
 
     return concutmix_training_stream(train, cutmix_prob=config.ccm_cutmix_prob, **stream)
-
-
-def _task_index():
-    return json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("index", 0)
 
 
 def main(argv):
