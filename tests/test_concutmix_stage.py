@@ -76,18 +76,21 @@ def test_balanced_indices_deterministic_eager_and_in_map():
     assert not np.array_equal(eager[0], eager[1])
 
 
-def test_batch_pad_crop_flip_is_a_crop_or_mirrored_crop():
-    images = np.random.default_rng(0).integers(0, 256, (16, 6, 7, 3)).astype(np.float32)
+@pytest.mark.parametrize("height,width,pad", [(6, 7, 2), (32, 32, 4), (224, 160, 4)])
+def test_batch_pad_crop_flip_is_a_crop_or_mirrored_crop(height, width, pad):
+    # Pixel values 1..255, so a pad pixel (0) can never pass for an image pixel.
+    images = np.random.default_rng(0).integers(1, 256, (16, height, width, 3)).astype(np.float32)
     seed = tf.constant([5, 6])
-    eager = batch_pad_crop_flip(images, seed, pad=2).numpy()
+    eager = batch_pad_crop_flip(images, seed, pad=pad).numpy()
     mapped = next(iter(tf.data.Dataset.from_tensors(images).map(
-        lambda x: batch_pad_crop_flip(x, seed, pad=2)
+        lambda x: batch_pad_crop_flip(x, seed, pad=pad)
     )))
     np.testing.assert_array_equal(eager, mapped.numpy())
-    padded = np.pad(images, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    offsets = range(2 * pad + 1)
     flips = []
     for out, source in zip(eager, padded, strict=True):
-        crops = [source[dy : dy + 6, dx : dx + 7] for dy in range(5) for dx in range(5)]
+        crops = [source[dy : dy + height, dx : dx + width] for dy in offsets for dx in offsets]
         found = [
             flip
             for crop in crops

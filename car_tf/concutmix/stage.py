@@ -92,21 +92,31 @@ def batch_pad_crop_flip(images, seed, pad=augment_ops.CIFAR_PAD):
     """Vectorised CIFAR augmentation of a batch: zero-pad, random crop back, random flip.
 
     Same distribution as ``per_image(pad_crop_flip)`` (each image its own offsets and flip) but
-    drawn batch-wide with gathers instead of a per-image loop, several times faster.
+    drawn batch-wide and applied by one nearest-neighbour ``crop_and_resize``, whose boxes may
+    reach past the image (zero fill, i.e. the padding) and run right to left (the flip).
     """
     offset_seed, flip_seed = tf.unstack(augment_ops.split_seed(seed))
     shape = tf.shape(images)
-    batch, height, width = shape[0], shape[1], shape[2]
+    batch = shape[0]
     offsets = tf.random.stateless_uniform(
         [batch, 2], offset_seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
     )
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    rows = offsets[:, :1] + tf.range(height)[None, :]
-    cols = offsets[:, 1:] + tf.range(width)[None, :]
     flip = tf.random.stateless_uniform([batch, 1], flip_seed) < 0.5
-    cols = tf.where(flip, tf.reverse(cols, axis=[1]), cols)
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    return tf.ensure_shape(tf.gather(cropped, cols, axis=2, batch_dims=1), images.shape)
+    size = tf.cast(shape[1:3], tf.float32)  # (H, W)
+    first = tf.cast(offsets - pad, tf.float32)  # source row / column of output pixel 0
+    last = first + size - 1.0
+    flip_columns = tf.concat([tf.zeros_like(flip), flip], axis=1)
+    first, last = tf.where(flip_columns, last, first), tf.where(flip_columns, first, last)
+    # Sample points sit on whole pixels, where float error could push an edge pixel just outside
+    # the image (zero fill) or a pad pixel just inside. Pulling every point towards the centre by a
+    # quarter pixel per image side keeps the rounding (nearest) and the inside test exact.
+    centre, pull = (size - 1.0) / 2.0, 1.0 - 0.25 / size
+    first, last = centre + (first - centre) * pull, centre + (last - centre) * pull
+    boxes = tf.concat([first, last], axis=1) / tf.tile(tf.maximum(size - 1.0, 1.0), [2])
+    out = tf.image.crop_and_resize(
+        images, boxes, tf.range(batch), shape[1:3], method="nearest"
+    )
+    return tf.ensure_shape(out, images.shape)
 
 
 def cutmix_box(height, width, lam_seed, y_seed, x_seed):
@@ -162,18 +172,23 @@ def concutmix_batch(
 
     partner = balanced_indices(balanced_labels, batch_size, seeds["balanced"])
     labels_b = tf.gather(tf.constant(np.asarray(balanced_labels), tf.int32), partner)
-    images_b = tf.cast(load_balanced(partner), tf.float32)
-    if partner_augment is not None:
-        images_b = partner_augment(images_b, seeds["partner"])
-
     y1, y2, x1, x2, box_lam = cutmix_box(
         height, width, seeds["lam"], seeds["box_y"], seeds["box_x"]
     )
     mixed_flag = tf.random.stateless_uniform([], seeds["coin"]) < cutmix_prob
-    rows = tf.range(height)[:, None]
-    cols = tf.range(width)[None, :]
-    in_box = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2) & mixed_flag
-    mixed = tf.where(in_box[None, :, :, None], images_b, images)
+
+    def paste_partners():
+        # Partner images are loaded only for batches that mix (half of them, as released).
+        images_b = tf.cast(load_balanced(partner), tf.float32)
+        if partner_augment is not None:
+            images_b = partner_augment(images_b, seeds["partner"])
+        box_rows = tf.concat(
+            [images[:, y1:y2, :x1], images_b[:, y1:y2, x1:x2], images[:, y1:y2, x2:]], axis=2
+        )
+        pasted = tf.concat([images[:, :y1], box_rows, images[:, y2:]], axis=1)
+        return tf.ensure_shape(pasted, images.shape)
+
+    mixed = tf.cond(mixed_flag, paste_partners, lambda: images)
     lam = tf.where(mixed_flag, box_lam, 1.0)
     onehot_a, onehot_b = tf.one_hot(labels, num_classes), tf.one_hot(labels_b, num_classes)
     area_label = lam * onehot_a + (1.0 - lam) * onehot_b
