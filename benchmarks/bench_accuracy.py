@@ -1,10 +1,12 @@
 """Accuracy of every method on CIFAR-10-LT (IF 100) with one seed and one schedule, as a table.
 
     python -m benchmarks.bench_accuracy --data_dir=../shared/data/cifar10-jpg.tar.gz \
-        --epochs=8 --output_dir=runs/bench_accuracy [--methods=ce,ldam_drw,...]
+        --epochs=8 --output_dir=runs/bench_accuracy [--methods=ce,ldam_drw,...,ce_dlsa]
 
 Each method trains ResNet-32 with the same seed, data order and schedule (SGD 0.9, lr 0.1, 1
-warm-up epoch, x0.1 decays at 75 % and 90 % of the epochs), then the script prints overall,
+warm-up epoch, x0.1 decays at 75 % and 90 % of the epochs); DLSA rows (``<base>_dlsa``) run
+``python -m car_tf.dlsa`` with its defaults on the base method's finished run, which must come
+earlier in --methods. The script then prints overall,
 many / medium / few and worst-class test accuracy, worst-class train accuracy and the spectral
 norm of the final test confusion matrix (plain and CAR-weighted). Finished runs are reused, so an
 interrupted benchmark resumes where it stopped.
@@ -12,6 +14,8 @@ interrupted benchmark resumes where it stopped.
 
 import json
 import pathlib
+import subprocess
+import sys
 import time
 
 from absl import app, flags
@@ -27,7 +31,9 @@ METHOD_FLAGS = {
     "car_concutmix": ["--method=car", "--concutmix", "--base_loss=logit_adjusted"],
     "decoupled_reg": ["--method=decoupled_reg"],
 }
-flags.DEFINE_list("methods", list(METHOD_FLAGS), "Methods to run, in order.")
+# DLSA on a trained run: row name -> base method.
+DLSA_ROWS = {"ce_dlsa": "ce", "car_dlsa": "car"}
+flags.DEFINE_list("methods", [*METHOD_FLAGS, "ce_dlsa"], "Methods to run, in order.")
 flags.DEFINE_string("output_dir", "runs/bench_accuracy", "Where the runs go.")
 flags.DEFINE_list("extra", [], "Extra train flags for every method, e.g. --extra=--spec_lambda=0.5.")
 FLAGS = flags.FLAGS
@@ -44,6 +50,19 @@ def run_method(name, common, output_dir):
     start = time.time()
     report = train_cli.train_and_evaluate(FLAGS)
     return report, time.time() - start
+
+
+def run_dlsa(name, output_dir):
+    """DLSA on the finished run of DLSA_ROWS[name] (unless done); returns (report, seconds)."""
+    base_dir, run_dir = pathlib.Path(output_dir) / DLSA_ROWS[name], pathlib.Path(output_dir) / name
+    if (run_dir / "report.json").exists():
+        return json.loads((run_dir / "report.json").read_text()), None
+    if not (base_dir / "report.json").exists():
+        raise SystemExit(f"{name} needs the finished {DLSA_ROWS[name]} run; list it before {name}.")
+    start = time.time()
+    command = [sys.executable, "-m", "car_tf.dlsa", f"--model_dir={base_dir}"]
+    subprocess.run([*command, f"--output_dir={run_dir}", "--noprogress"], check=True)
+    return json.loads((run_dir / "report.json").read_text()), time.time() - start
 
 
 def percent(value):
@@ -70,8 +89,14 @@ def main(argv):
     ]
     # Read before the first run: each run re-parses the shared flags from its own argument list.
     methods, output_dir, rows = FLAGS.methods, FLAGS.output_dir, []
+    unknown = sorted(set(methods) - set(METHOD_FLAGS) - set(DLSA_ROWS))
+    if unknown:
+        raise SystemExit(f"Unknown methods {unknown}; choose from {[*METHOD_FLAGS, *DLSA_ROWS]}.")
     for name in methods:
-        report, seconds = run_method(name, common, output_dir)
+        if name in DLSA_ROWS:
+            report, seconds = run_dlsa(name, output_dir)
+        else:
+            report, seconds = run_method(name, common, output_dir)
         rows.append((name, report, seconds))
     print(f"CIFAR-10-LT IF 100, ResNet-32, {epochs} epochs, batch 128, seed {FLAGS.seed}\n")
     print("| method | top-1 | many | medium | few | worst class (test) | worst class (train) "
