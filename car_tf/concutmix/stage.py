@@ -178,7 +178,7 @@ def concutmix_batch(
     mixed_flag = tf.random.stateless_uniform([], seeds["coin"]) < cutmix_prob
 
     def paste_partners():
-        # Partner images are loaded only for batches that mix (half of them, as released).
+        # Partner images are loaded only for batches that mix (a share cutmix_prob of them).
         images_b = tf.cast(load_balanced(partner), tf.float32)
         if partner_augment is not None:
             images_b = partner_augment(images_b, seeds["partner"])
