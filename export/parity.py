@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from car_tf.data.pipelines import decode_image
 from export.saved_model import eval_preprocess
 
 PARITY_BATCH_SIZES = (1, 32)
@@ -56,7 +57,7 @@ def _prepare(images, image_size, recipe):
     prepared = []
     for image in images:
         if isinstance(image, (str, pathlib.Path)):
-            image = tf.io.decode_image(tf.io.read_file(str(image)), channels=3, expand_animations=False)
+            image = decode_image(tf.io.read_file(str(image)))
         resized = eval_preprocess(tf.cast(image, tf.float32), image_size, recipe)
         prepared.append(np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8))
     return np.stack(prepared)

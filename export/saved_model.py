@@ -4,12 +4,10 @@ import keras
 import tensorflow as tf
 
 from car_tf.data.augment import resize_center_crop, resize_to
-from car_tf.data.flags import recipe_for
+from car_tf.data.flags import SMALL_IMAGE_MAX, recipe_for
 from car_tf.data.pipelines import RECIPES
 from car_tf.predictors import inference_model
 
-# Runs that do not record their recipe: images up to this size use the CIFAR evaluation.
-SMALL_IMAGE_MAX = 64
 LOW_PRECISION = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 
 
@@ -19,7 +17,7 @@ def serving_recipe(image_size, run_info=None):
     recipe = run_info.get("recipe")
     if not recipe and run_info.get("dataset"):
         recipe = recipe_for(run_info["dataset"])
-    recipe = recipe or ("cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet")
+    recipe = recipe or ("cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet")  # as --data_recipe=auto
     if recipe not in RECIPES:
         raise ValueError(f"unknown evaluation recipe {recipe!r}; use one of {', '.join(RECIPES)}.")
     return recipe

@@ -167,3 +167,15 @@ def test_imagenet_recipe_with_randaugment_builds_batches():
         data, recipe="imagenet", image_size=24, batch_size=4, seed=0, randaugment=True
     )))
     assert images.shape == (4, 24, 24, 3) and labels.shape == (4,)
+
+
+def test_decoding_gives_the_pixels_pil_gives(jpeg_root, tmp_path):
+    from PIL import Image
+
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (23, 31), dtype=np.uint8)).save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (9, 7, 4), dtype=np.uint8)).save(rgba)
+    for path in [*sorted(jpeg_root.rglob("*.jpg"))[:4], gray, rgba]:
+        decoded = pipelines.decode_image(tf.io.read_file(str(path))).numpy()
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")), err_msg=str(path))

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 import pytest
 from absl import flags
+from PIL import Image
 
 from car_tf.data import flags as data_flags
 from car_tf.data import longtail, sources
@@ -100,8 +101,43 @@ def test_class_without_training_images_is_named(tmp_path):
     test = write_list(tmp_path / "test.txt", ["cat/c.jpg 0"])
     with pytest.raises(ValueError, match=r"Class 1 .* no training images; add images"):
         sources.load_dataset("list", "train", data_dir=tmp_path, train_list=train, test_list=test)
+
+
+def test_list_test_classes_match_training_classes_by_folder_name(tmp_path):
+    train = write_list(tmp_path / "train.txt", ["cat/a.jpg 0", "dog/b.jpg 1", "ship/c.jpg 2"])
+    # The test list numbers its classes differently: the folder names decide.
+    test = write_list(tmp_path / "test.txt", ["ship/x.jpg 0", "cat/y.jpg 1", "dog/z.jpg 2"])
     data = sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=test)
-    assert data.num_classes == 3 and data.class_names == ["cat", "1", "bird"]
+    assert data.class_names == ["cat", "dog", "ship"] and data.labels.tolist() == [2, 0, 1]
+    short = write_list(tmp_path / "short.txt", ["cat/y.jpg 0", "dog/z.jpg 1", "frog/f.jpg 2"])
+    with pytest.raises(ValueError, match=r"no images of training class\(es\) 'ship' and has class\(es\) "
+                                         r"'frog' that the training data lacks; give both splits"):
+        sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=short)
+
+
+def test_list_classes_without_folder_names_match_by_label(tmp_path):
+    train = write_list(tmp_path / "train.txt", ["a.jpg 0", "b.jpg 1", "c.jpg 2"])
+    test = write_list(tmp_path / "test.txt", ["x.jpg 2", "y.jpg 0", "z.jpg 1"])
+    data = sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=test)
+    assert data.labels.tolist() == [2, 0, 1] and data.class_names == ["0", "1", "2"]
+    missing = write_list(tmp_path / "missing.txt", ["x.jpg 2", "y.jpg 0"])
+    with pytest.raises(ValueError, match=r"no images of training class\(es\) '1'.*\(by label id\)"):
+        sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=missing)
+
+
+def test_list_dataset_needs_both_lists(tmp_path):
+    train = write_list(tmp_path / "train.txt", ["a.jpg 0", "b.jpg 1"])
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match="needs both --train_list and --test_list"):
+            sources.load_dataset("list", split, data_dir=tmp_path, train_list=train)
+
+
+def test_comments_and_blank_lines_keep_true_line_numbers(tmp_path):
+    lst = write_list(tmp_path / "l.txt", ["# path label", "", "a/x.jpg 0", "", "  # note", "a/y.jpg 7"])
+    with pytest.raises(ValueError, match=r"l.txt, line 6: label 7 is outside \[0, 3\)"):
+        sources.read_split_list(lst, tmp_path, num_classes=3)
+    data = sources.read_split_list(lst, tmp_path)
+    assert data.size == 2 and data.labels.tolist() == [0, 7]
 
 
 def test_load_dataset_argument_errors(tmp_path, monkeypatch):
@@ -150,6 +186,7 @@ def test_image_folder_order_subset_and_counts(tmp_path):
 def test_folder_dataset_made_long_tailed(tmp_path):
     for split in ("train", "test"):
         make_folder(tmp_path / split, [10, 10, 10])
+    assert sources.load_dataset("folder", "train", data_dir=tmp_path).counts().tolist() == [10, 10, 10]
     train = sources.load_dataset("folder", "train", data_dir=tmp_path, imbalance_factor=10)
     np.testing.assert_array_equal(train.counts(), [10, 3, 1])
     assert [os.path.basename(p) for p in train.paths[10:]] == ["000.jpg", "001.jpg", "002.jpg", "000.jpg"]
@@ -165,8 +202,9 @@ def test_cifar10_lt_from_tree(cifar10_dir):
     np.testing.assert_array_equal(train.counts(), longtail.longtail_counts(5000, 10, 100))
     assert train.class_names[0] == "airplane" and train.class_names[-1] == "truck"
     truck = sorted(os.listdir(cifar10_dir / "train" / "truck"))[:50]
-    decoded = [tf.io.decode_jpeg(tf.io.read_file(str(cifar10_dir / "train" / "truck" / f))).numpy() for f in truck]
-    np.testing.assert_array_equal(train.images[train.labels == 9], np.stack(decoded))  # decoded once, in order
+    # Decoded once, in order, with the same pixels as PIL (what export.serve_onnx decodes with).
+    decoded = [np.asarray(Image.open(cifar10_dir / "train" / "truck" / f).convert("RGB")) for f in truck]
+    np.testing.assert_array_equal(train.images[train.labels == 9], np.stack(decoded))
     test = sources.load_dataset("cifar10", "test", data_dir=cifar10_dir, imbalance_factor=100)
     np.testing.assert_array_equal(test.counts(), np.full(10, 1000))
 
@@ -246,7 +284,7 @@ def test_flags_define_twice_and_build_datasets(tmp_path):
     for name in ("dataset", "data_dir", "train_list", "test_list", "imbalance_factor", "lt_profile",
                  "image_size", "skip_corrupt", "data_recipe"):
         assert values[name].help
-    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--imbalance_factor=4"])
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--imbalance_factor=4", "--data_recipe=imagenet"])
     train, test, recipe, image_size = data_flags.datasets_from_flags(values)
     np.testing.assert_array_equal(train.counts(), [8, 2])
     assert test.size == 16 and recipe == "imagenet" and image_size == 224
@@ -254,3 +292,154 @@ def test_flags_define_twice_and_build_datasets(tmp_path):
     assert data_flags.recipe_for("cifar100", "imagenet") == "imagenet"
     with pytest.raises(flags.IllegalFlagValueError):
         values(["prog", "--lt_profile=linear"])
+
+
+def test_folder_is_read_as_it_is_and_subsampled_by_class_size(tmp_path, caplog):
+    for split, counts in (("train", [12, 30, 5]), ("test", [2, 2, 2])):
+        make_folder(tmp_path / split, counts)
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}"])
+    assert values.imbalance_factor is None
+    train, *_ = data_flags.datasets_from_flags(values)
+    assert train.counts().tolist() == [12, 30, 5]  # as it is
+    # Ranked by size: class_1 (30) gets n_max, class_0 (12) n_1 = floor(30 / 10^0.5), class_2 n_2.
+    with caplog.at_level("INFO"):
+        train = sources.load_dataset("folder", "train", data_dir=tmp_path, imbalance_factor=10)
+    assert train.counts().tolist() == [9, 30, 3]
+    assert [os.path.basename(p) for p in train.paths[:9]] == [f"{i:03d}.jpg" for i in range(9)]
+    assert "kept 42 of 47 images: 9 class_0, 30 class_1, 3 class_2" in caplog.text
+    with pytest.raises(ValueError, match=r"Class 0 \('class_0'\) has 12 images but the long-tailed profile "
+                                         r"asks for 15; pass a larger --imbalance_factor, or leave it out"):
+        sources.load_dataset("folder", "train", data_dir=tmp_path, imbalance_factor=4)
+
+
+def test_cifar_keeps_the_standard_profile_by_default(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_load(name, split, imbalance_factor=None, **kwargs):
+        seen[split] = imbalance_factor
+        return LabeledData(labels=[0, 1], class_names=["a", "b"], images=np.zeros((2, 4, 4, 3), np.uint8))
+
+    monkeypatch.setattr(sources, "load_dataset", fake_load)
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["prog", "--dataset=cifar10"])
+    data_flags.datasets_from_flags(values)
+    assert seen == {"train": 100.0, "test": None}
+    values(["prog", "--dataset=cifar10", "--imbalance_factor=10"])
+    data_flags.datasets_from_flags(values)
+    assert seen["train"] == 10.0
+
+
+def test_folder_test_classes_match_by_name(tmp_path):
+    make_folder(tmp_path / "train", [3, 3, 3])
+    (tmp_path / "test").mkdir()
+    for name in ("class_2", "class_0", "class_1"):
+        (tmp_path / "test" / name).mkdir()
+        (tmp_path / "test" / name / "x.jpg").write_bytes(TINY_JPEG)
+    test = sources.load_dataset("folder", "test", data_dir=tmp_path)
+    assert test.class_names == ["class_0", "class_1", "class_2"] and test.labels.tolist() == [0, 1, 2]
+    (tmp_path / "test" / "class_1" / "x.jpg").unlink()  # an empty folder is a missing class
+    with pytest.raises(ValueError, match=r"has no images of training class\(es\) 'class_1'; give both"):
+        sources.load_dataset("folder", "test", data_dir=tmp_path)
+    (tmp_path / "test" / "class_1" / "x.jpg").write_bytes(TINY_JPEG)
+    (tmp_path / "test" / "zebra").mkdir()
+    (tmp_path / "test" / "zebra" / "z.jpg").write_bytes(TINY_JPEG)
+    with pytest.raises(ValueError, match=r"has class\(es\) 'zebra' that the training data lacks"):
+        sources.load_dataset("folder", "test", data_dir=tmp_path)
+
+
+def _broken_files(folder):
+    """A truncated JPEG, a text file named .jpg, an empty .png and a JPEG with trailing bytes (fine)."""
+    big = tf.io.encode_jpeg(tf.cast(tf.random.stateless_uniform([40, 40, 3], [1, 2], 0, 255), tf.uint8))
+    big = big.numpy()
+    (folder / "truncated.jpg").write_bytes(big[: len(big) // 2])
+    (folder / "text.jpg").write_text("this is not a picture\n")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "padded.jpg").write_bytes(big + b"\x00\x00trailing")
+    return big
+
+
+def test_image_file_problems_are_found_up_front(tmp_path):
+    _broken_files(tmp_path)
+    (tmp_path / "good.jpg").write_bytes(TINY_JPEG)
+    problem = {name: sources.image_file_problem(str(tmp_path / name))
+               for name in ("truncated.jpg", "text.jpg", "empty.png", "padded.jpg", "good.jpg", "gone.jpg")}
+    assert problem == {
+        "truncated.jpg": "is a truncated or corrupt JPEG file",
+        "text.jpg": "is not a JPEG, PNG, GIF or BMP image",
+        "empty.png": "is empty",
+        "padded.jpg": None,  # libjpeg decodes it: not refused
+        "good.jpg": None,
+        "gone.jpg": "does not exist",
+    }
+
+
+def test_corrupt_images_refused_in_one_sentence_or_skipped(tmp_path):
+    make_folder(tmp_path / "train", [4, 4])
+    make_folder(tmp_path / "test", [2, 2])
+    _broken_files(tmp_path / "train" / "class_0")
+    (tmp_path / "test" / "class_1" / "bad.jpg").write_text("nope")
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}"])
+    with pytest.raises(ValueError) as error:
+        data_flags.datasets_from_flags(values)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"The training image {tmp_path / 'train' / 'class_0'}")
+    assert "(and 2 more unreadable training images)" in message and "--skip_corrupt" in message
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--skip_corrupt"])
+    train, test, _, _ = data_flags.datasets_from_flags(values)
+    assert train.counts().tolist() == [5, 4]  # 4 good + padded.jpg; 3 unreadable left out
+    assert len(train.skipped) == 3 and test.counts().tolist() == [2, 2]
+    assert test.skipped == (f"{tmp_path / 'test' / 'class_1' / 'bad.jpg'}: is not a JPEG, PNG, GIF or BMP image",)
+
+
+def test_missing_list_file_image_is_named_with_its_path(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(TINY_JPEG)
+    train = write_list(tmp_path / "train.txt", ["a/x.jpg 0", "a/missing.jpg 0"])
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["prog", "--dataset=list", f"--data_dir={tmp_path}", f"--train_list={train}", f"--test_list={train}"])
+    with pytest.raises(ValueError, match=r"The training image .*a/missing.jpg does not exist; replace or remove"):
+        data_flags.datasets_from_flags(values)
+
+
+def test_auto_recipe_follows_the_image_size(tmp_path, caplog):
+    for split in ("train", "test"):
+        make_folder(tmp_path / split, [2, 2])  # 4x4 images
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}"])
+    with caplog.at_level("INFO"):
+        *_, recipe, image_size = data_flags.datasets_from_flags(values)
+    assert (recipe, image_size) == ("cifar", 4)
+    assert "up to 4 pixels a side, so the cifar recipe at 4 pixels" in caplog.text
+    big = tf.io.encode_png(tf.zeros([70, 90, 3], tf.uint8)).numpy()
+    (tmp_path / "train" / "class_0" / "000.jpg").unlink()
+    (tmp_path / "train" / "class_0" / "big.png").write_bytes(big)
+    assert data_flags.datasets_from_flags(values)[2:] == ("imagenet", 224)
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--data_recipe=cifar"])
+    assert data_flags.datasets_from_flags(values)[2:] == ("cifar", 32)
+
+
+def test_tfds_cifar10_reaches_the_download_and_offline_is_one_sentence(tmp_path, monkeypatch):
+    # The real TFDS builder runs (imports, dataset info, preparation) up to its download call.
+    import requests
+    import tensorflow_datasets as tfds
+
+    asked = []
+
+    def offline(self, urls):
+        asked.append(urls)
+        raise requests.exceptions.ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
+    with pytest.raises(OSError) as error:
+        sources.load_tfds("cifar10", "train", data_dir=tmp_path / "tfds")
+    assert asked and "cifar-10" in str(asked[0])
+    message = str(error.value)
+    assert message.startswith("cifar10 could not be downloaded by TensorFlow Datasets (Failed to resolve")
+    assert "point --data_dir (or $CAR_TF_DATA_DIR) at a local copy" in message and "\n" not in message

@@ -51,7 +51,7 @@ def class_counts(labels, num_classes):
     return np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.int64)
 
 
-def subsample_longtail(labels, counts):
+def subsample_longtail(labels, counts, class_names=None):
     """Indices (ascending) keeping the first counts[c] samples of each class c in the given order."""
     labels = np.asarray(labels).astype(np.int64)
     counts = np.asarray(counts, dtype=np.int64)
@@ -59,9 +59,10 @@ def subsample_longtail(labels, counts):
     short = np.flatnonzero(available < counts)
     if short.size:
         c = short[0]
+        name = f" ({class_names[c]!r})" if class_names is not None else ""
         raise ValueError(
-            f"Class {c} has {available[c]} images but the long-tailed profile asks for {counts[c]}; "
-            "use a source with at least that many images per class or a smaller n_max."
+            f"Class {c}{name} has {available[c]} images but the long-tailed profile asks for "
+            f"{counts[c]}; pass a larger --imbalance_factor, or leave it out to use the data as it is."
         )
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(len(counts)))

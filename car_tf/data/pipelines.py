@@ -118,6 +118,20 @@ def eval_dataset(data, *, recipe, image_size, batch_size):
     return _finish(elements.batch(batch_size))
 
 
+def decode_image(encoded):
+    """Encoded JPEG / PNG / GIF / BMP bytes -> uint8 [H, W, 3].
+
+    JPEG uses libjpeg's accurate integer DCT, as PIL does, so that export.serve_onnx (PIL, no
+    TensorFlow) sees the same pixels as training and car_tf.evaluate.
+    """
+    image = tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8),
+    )
+    return tf.ensure_shape(image, [None, None, 3])
+
+
 def _loader(data):
     """index -> (float32 image [H, W, 3] in [0, 255], int32 label)."""
     labels = tf.constant(data.labels, tf.int32)
@@ -127,9 +141,8 @@ def _loader(data):
     paths = tf.constant(data.paths)
 
     def load(i):
-        encoded = tf.io.read_file(tf.gather(paths, i))
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-        return tf.ensure_shape(tf.cast(image, tf.float32), [None, None, 3]), tf.gather(labels, i)
+        image = decode_image(tf.io.read_file(tf.gather(paths, i)))
+        return tf.cast(image, tf.float32), tf.gather(labels, i)
 
     return load
 

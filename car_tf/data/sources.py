@@ -8,6 +8,7 @@ import tarfile
 import tempfile
 
 import numpy as np
+from absl import logging
 
 from car_tf.data import longtail
 
@@ -23,6 +24,7 @@ LIST_BENCHMARKS = {
     "inat2018": (8142, "iNaturalist18_train.txt", "iNaturalist18_val.txt"),
 }
 DATASETS = CIFAR + tuple(LIST_BENCHMARKS) + ("folder", "list")
+SUBSAMPLED = CIFAR + ("folder", "list")  # made long-tailed by an imbalance factor
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -33,6 +35,7 @@ class LabeledData:
     class_names: list
     images: np.ndarray | None = None
     paths: np.ndarray | None = None
+    skipped: tuple = ()  # files left out as unreadable (--skip_corrupt)
 
     def __post_init__(self):
         if (self.images is None) == (self.paths is None):
@@ -75,35 +78,39 @@ class LabeledData:
             class_names=self.class_names,
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else self.paths[indices],
+            skipped=self.skipped,
         )
 
 
 def read_split_list(list_file, image_root, num_classes=None):
     """Reads a ``relative/path label`` list (ImageNet-LT, Places-LT, iNaturalist format).
 
-    Paths become absolute under image_root (which need not exist yet). num_classes defaults to the
-    largest label + 1. Class names are the folders holding each class's first image when those are
-    distinct (ImageNet wnids, Places scene names, iNat ids), else the label ids as strings.
+    Blank lines and lines starting with ``#`` are skipped. Paths become absolute under image_root
+    (which need not exist yet). num_classes defaults to the largest label + 1. Class names are the
+    folders holding each class's first image when those are distinct (ImageNet wnids, Places scene
+    names, iNat ids), else the label ids as strings.
     """
     list_file = pathlib.Path(list_file)
     if not list_file.is_file():
         raise FileNotFoundError(f"Split list {list_file} does not exist; check --train_list / --test_list.")
-    rel_paths, labels = [], []
+    rel_paths, labels, line_numbers = [], [], []
     with open(list_file, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            parts = line.rsplit(None, 1)
-            if not parts:
+            text = line.strip()
+            if not text or text.startswith("#"):
                 continue
+            parts = text.rsplit(None, 1)
             try:
                 if len(parts) != 2:
                     raise ValueError
                 labels.append(int(parts[1]))
             except ValueError:
                 raise ValueError(
-                    f"{list_file}, line {number}: expected 'relative/path label', got {line.strip()!r}; "
+                    f"{list_file}, line {number}: expected 'relative/path label', got {text!r}; "
                     "fix or delete that line."
                 ) from None
             rel_paths.append(parts[0])
+            line_numbers.append(number)
     if not labels:
         raise ValueError(f"Split list {list_file} holds no images; point to a non-empty list.")
     labels = np.asarray(labels, dtype=np.int64)
@@ -112,8 +119,8 @@ def read_split_list(list_file, image_root, num_classes=None):
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise ValueError(
-            f"{list_file}, line {bad[0] + 1}: label {labels[bad[0]]} is outside [0, {num_classes}); "
-            "fix the list or the number of classes."
+            f"{list_file}, line {line_numbers[bad[0]]}: label {labels[bad[0]]} is outside "
+            f"[0, {num_classes}); fix the list or the number of classes."
         )
     root = os.path.abspath(image_root) + os.sep
     paths = np.char.add(root, np.asarray(rel_paths, dtype=str))
@@ -134,12 +141,7 @@ def _names_from_folders(rel_paths, labels, num_classes):
 
 def read_image_folder(root):
     """Class-per-folder tree: sorted folder names are the label ids, files in file-name order."""
-    root = pathlib.Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"Image folder {root} does not exist; check --data_dir.")
-    class_dirs = sorted((e for e in os.scandir(root) if e.is_dir()), key=lambda e: e.name)
-    if not class_dirs:
-        raise ValueError(f"Image folder {root} has no class sub-folders; use root/<class>/<image> layout.")
+    class_dirs = _class_folders(root)
     paths, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(
@@ -155,13 +157,35 @@ def read_image_folder(root):
     )
 
 
+def _class_folders(root):
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist; check --data_dir.")
+    class_dirs = sorted((e for e in os.scandir(root) if e.is_dir()), key=lambda e: e.name)
+    if not class_dirs:
+        raise ValueError(f"Image folder {root} has no class sub-folders; use root/<class>/<image> layout.")
+    return class_dirs
+
+
+def _class_folder_names(root):
+    return [entry.name for entry in _class_folders(root)]
+
+
 def load_tfds(name, split, data_dir=None):
     """Loads a TFDS image classification split into memory (downloads it when absent)."""
     import tensorflow_datasets as tfds
 
-    (images, labels), info = tfds.load(
-        name, split=split, data_dir=data_dir, batch_size=-1, as_supervised=True, with_info=True
-    )
+    try:
+        (images, labels), info = tfds.load(
+            name, split=split, data_dir=data_dir, batch_size=-1, as_supervised=True, with_info=True
+        )
+    except OSError as error:  # no network (requests' errors are OSErrors), or an unwritable folder
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"{name} could not be downloaded by TensorFlow Datasets ({reason}); without network, "
+            f"point --data_dir (or ${DATA_DIR_ENV}) at a local copy: a folder with train/ and test/ "
+            "class folders, or its .tar.gz."
+        ) from error
     images = np.asarray(images)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
@@ -186,9 +210,11 @@ def load_dataset(
     or a folder holding ``<name>/`` or ``<name>-jpg.tar.gz``; None means $CAR_TF_DATA_DIR, else TFDS.
     imagenet_lt / places_lt / inat2018 / list: data_dir is the image root of the split lists.
     folder: data_dir holds train/ and test/ class-per-folder trees.
-    For cifar10, cifar100 and folder, split="train" with imbalance_factor keeps the first n_i images
-    of each class (exponential or step profile, n_max = the largest class); test stays balanced.
-    Every class of a training split must have at least one image.
+    A test split's classes are matched to the training classes by name (folder names; for lists,
+    the names derived from both lists, else the label ids); a class in one split only is refused.
+    imbalance_factor (cifar10, cifar100, folder, list; training split only) keeps the first n_i
+    images of each class, n_max = the largest class: CIFAR in class-index order, folder and list
+    by rank of class size (largest first). Every class of a training split must have an image.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; use one of {', '.join(DATASETS)}.")
@@ -198,18 +224,63 @@ def load_dataset(
     if name in CIFAR:
         data = _load_cifar(name, split, data_dir)
     elif name == "folder":
-        data = read_image_folder(_existing_dir(data_dir, name) / split)
+        root = _existing_dir(data_dir, name)
+        data = read_image_folder(root / split)
+        if split == "test":
+            data = match_classes(data, _class_folder_names(root / "train"), str(root / "test"), "folder name")
     else:
         data = _load_list(name, split, data_dir, train_list, test_list)
     if split == "train":
-        _check_every_class_present(data, name)
-        if imbalance_factor is not None and name in CIFAR + ("folder",):
-            n_max = data.counts().max()
-            counts = longtail.longtail_counts(n_max, data.num_classes, imbalance_factor, profile)
-            data = data.subset(longtail.subsample_longtail(data.labels, counts))
+        check_every_class_present(data, name)
+        if imbalance_factor is not None and name in SUBSAMPLED:
+            data = _subsample(data, name, imbalance_factor, profile)
     if name in CIFAR and data.paths is not None:
         data = decode_into_memory(data)
     return data
+
+
+def _subsample(data, name, imbalance_factor, profile):
+    available = data.counts()
+    wanted = longtail.longtail_counts(available.max(), data.num_classes, imbalance_factor, profile)
+    if name not in CIFAR:  # the largest class gets n_max, the next n_1, ... (stable among ties)
+        ranked = np.empty_like(wanted)
+        ranked[np.argsort(-available, kind="stable")] = wanted
+        wanted = ranked
+    data = data.subset(longtail.subsample_longtail(data.labels, wanted, data.class_names))
+    shown = ", ".join(f"{n} {c}" for c, n in zip(data.class_names, wanted))
+    logging.info(
+        "Long-tailed training subset (--imbalance_factor=%g, %s profile): kept %d of %d images: %s.",
+        imbalance_factor, profile, data.size, int(available.sum()),
+        shown if len(shown) <= 400 else shown[:400] + " ...",
+    )
+    return data
+
+
+def match_classes(test, train_names, where, by):
+    """``test`` relabelled to the training classes ``train_names`` by name; refuses a class found in
+    one split only (``where`` and ``by`` word the error)."""
+    train_names = [str(n) for n in train_names]
+    present = [test.class_names[c] for c in np.flatnonzero(test.counts())]
+    extra = [n for n in present if n not in train_names]
+    missing = [n for n in train_names if n not in present]
+    if extra or missing:
+        parts = []
+        if missing:
+            parts.append(f"has no images of training class(es) {_quoted(missing)}")
+        if extra:
+            parts.append(f"has class(es) {_quoted(extra)} that the training data lacks")
+        raise ValueError(
+            f"The test data {where} {' and '.join(parts)}; give both splits the same classes "
+            f"(by {by}) before training."
+        )
+    index = {n: i for i, n in enumerate(train_names)}
+    relabel = np.asarray([index.get(n, -1) for n in test.class_names], np.int64)
+    return LabeledData(labels=relabel[test.labels], paths=test.paths, class_names=train_names)
+
+
+def _quoted(names, limit=10):
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def decode_into_memory(data):
@@ -219,11 +290,12 @@ def decode_into_memory(data):
     """
     import tensorflow as tf
 
+    from car_tf.data.pipelines import decode_image
+
     images = []
     for path in data.paths:
         try:
-            encoded = tf.io.read_file(path)
-            images.append(tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy())
+            images.append(decode_image(tf.io.read_file(path)).numpy())
         except tf.errors.OpError:
             raise ValueError(f"Image {path} cannot be decoded; replace or remove the file.") from None
     if len({image.shape for image in images}) > 1:
@@ -291,8 +363,10 @@ def unpack_tarball(tarball):
 def _load_list(name, split, data_dir, train_list, test_list):
     root = _existing_dir(data_dir, name)
     if name == "list":
-        if train_list is None or (split == "test" and test_list is None):
-            raise ValueError("Dataset 'list' needs --train_list and --test_list; pass both list files.")
+        if train_list is None or test_list is None:
+            raise ValueError(
+                "Dataset 'list' needs both --train_list and --test_list; pass the two list files."
+            )
         num_classes, default_train, default_test = None, None, None
     else:
         num_classes, default_train, default_test = LIST_BENCHMARKS[name]
@@ -301,11 +375,26 @@ def _load_list(name, split, data_dir, train_list, test_list):
     train = read_split_list(train_list, root, num_classes)
     if split == "train":
         return train
-    test = read_split_list(test_list, root, train.num_classes)
+    test = read_split_list(test_list, root, num_classes)
+    where = f"in {test_list}"
+    if _named_by_folder(train) and _named_by_folder(test):
+        return match_classes(test, train.class_names, where, "folder name")
+    # The names are label ids on one side at least: then the ids are the classes.
+    ids = [str(c) for c in range(max(test.num_classes, train.num_classes))]
+    test = match_classes(
+        LabeledData(labels=test.labels, paths=test.paths, class_names=ids),
+        ids[: train.num_classes], where, "label id",
+    )
     return LabeledData(labels=test.labels, paths=test.paths, class_names=train.class_names)
 
 
-def _check_every_class_present(data, name):
+def _named_by_folder(data):
+    """True when every class with images got its name from its folder rather than its label id."""
+    return all(data.class_names[c] != str(c) for c in np.flatnonzero(data.counts()))
+
+
+def check_every_class_present(data, name):
+    """Raises ValueError naming the first class of a training split without images."""
     empty = np.flatnonzero(data.counts() == 0)
     if empty.size:
         c = empty[0]
@@ -313,3 +402,84 @@ def _check_every_class_present(data, name):
             f"Class {c} ({data.class_names[c]!r}) of {name} has no training images; "
             "add images for it or remove the class and renumber the labels."
         )
+
+
+# First bytes of each image format tf.io.decode_image reads, and how a complete file ends.
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP"}
+_TAIL_BYTES = 32
+CHECK_THREADS = 16
+
+
+def _looks_complete(kind, head, tail, size):
+    if kind == "JPEG":
+        return tail.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if kind == "PNG":
+        return b"IEND" in tail
+    if kind == "GIF":
+        return tail.rstrip(b"\x00").endswith(b";")
+    return int.from_bytes(head[2:6], "little") <= size  # BMP: the header states the file size
+
+
+def image_file_problem(path):
+    """None for a readable image file, else why not ("does not exist", "is not an image", ...).
+
+    Cheap: reads the first and last bytes only (format signature, end marker, stated size); a file
+    whose end looks wrong is decoded in full before it is called truncated.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - _TAIL_BYTES, 0))
+            tail = f.read()
+    except FileNotFoundError:
+        return "does not exist"
+    except IsADirectoryError:
+        return "is a folder, not an image file"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None:
+        return "is empty" if size == 0 else "is not a JPEG, PNG, GIF or BMP image"
+    if _looks_complete(kind, head, tail, size):
+        return None
+    import tensorflow as tf
+
+    from car_tf.data.pipelines import decode_image
+
+    try:
+        decode_image(tf.io.read_file(str(path)))
+    except tf.errors.OpError:
+        return f"is a truncated or corrupt {kind} file"
+    return None
+
+
+def check_images(data, split, skip_corrupt=False):
+    """``data`` with every file checked by ``image_file_problem`` before any training step.
+
+    An unreadable file raises one sentence naming it, unless skip_corrupt: then the unreadable
+    files are left out, logged with their count, and listed in the result's ``skipped``.
+    In-memory data is returned as it is.
+    """
+    if data.paths is None:
+        return data
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:  # threads: the time goes into waiting for disks
+        problems = list(pool.map(image_file_problem, data.paths, chunksize=256))
+    bad = [i for i, problem in enumerate(problems) if problem]
+    if not bad:
+        return data
+    first = f"{data.paths[bad[0]]} {problems[bad[0]]}"
+    others = f" (and {len(bad) - 1} more unreadable {split} images)" if len(bad) > 1 else ""
+    if not skip_corrupt:
+        raise ValueError(
+            f"The {split} image {first}{others}; replace or remove it (or fix its line in the list), "
+            "or pass --skip_corrupt to leave unreadable images out."
+        )
+    logging.warning(
+        "Skipping %d unreadable %s image(s) (--skip_corrupt), the first: %s.", len(bad), split, first
+    )
+    kept = np.setdiff1d(np.arange(data.size), bad)
+    skipped = tuple(f"{data.paths[i]}: {problems[i]}" for i in bad)
+    return dataclasses.replace(data.subset(kept), skipped=data.skipped + skipped)
