@@ -1,12 +1,17 @@
 """The state CAR carries across steps, as non-trainable weights of a layer attached to the model.
 
 Attached as ``model.car_state`` it is saved by ``model.save_weights``, ModelCheckpoint and
-BackupAndRestore with everything else. Every weight uses aggregation "only_first_replica": all
+BackupAndRestore with everything else, and ``model.save("x.keras")`` records it in the model's
+config too, so ``keras.models.load_model`` (with car_tf imported) gives the model back with its
+state (see ``CarriesCARState``). Every weight uses aggregation "only_first_replica": all
 replicas compute the same update from the gathered batch confusion, so one copy is enough and the
 variable stays identical on every replica.
 """
 
+import warnings
+
 import keras
+from keras.src.models.functional import Functional
 
 ATTRIBUTE = "car_state"
 
@@ -56,18 +61,64 @@ class CARState(keras.layers.Layer):
         return float(self.sigma_sum.numpy()) / count if count else float(self.last_sigma.numpy())
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "num_classes": self.num_classes,
             "spec_lambda": self.initial_lambda,
         }
+        del config["trainable"]  # always False, set by __init__
+        return config
+
+
+class CarriesCARState:
+    """Model mixin: the config records ``car_state``, so ``load_model`` restores it with its weights.
+
+    Keras loads a .keras file by rebuilding the model from its config and then loading the saved
+    weights into what the rebuilt model holds; a state that is a plain attribute is not rebuilt, so
+    its weights are skipped. With this mixin ``from_config`` attaches the state before the weights
+    load. ``attach_car_state`` switches Functional and Sequential models to a registered subclass
+    carrying it; ConCutMixModel inherits it. A subclassed model of your own instead creates its
+    state in ``__init__`` (``self.car_state = car_tf.CARState(num_classes)``).
+    """
+
+    def get_config(self):
+        config = super().get_config()
+        state = getattr(self, ATTRIBUTE, None)
+        if state is not None:
+            config[ATTRIBUTE] = keras.saving.serialize_keras_object(state)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        state_config = config.pop(ATTRIBUTE, None)
+        model = super().from_config(config, custom_objects)
+        if state_config is not None and getattr(model, ATTRIBUTE, None) is None:
+            state = keras.saving.deserialize_keras_object(state_config, custom_objects)
+            setattr(model, ATTRIBUTE, state)
+        return model
+
+
+@keras.saving.register_keras_serializable(package="car_tf")
+class CARFunctional(CarriesCARState, Functional):
+    """A functional model whose config records its CAR state."""
+
+
+@keras.saving.register_keras_serializable(package="car_tf")
+class CARSequential(CarriesCARState, keras.Sequential):
+    """A Sequential model whose config records its CAR state."""
+
+
+_CARRIERS = {Functional: CARFunctional, keras.Sequential: CARSequential}
 
 
 def attach_car_state(model, loss):
     """Puts ``loss``'s state on ``model`` (creating it in the model's strategy scope) and returns it.
 
     If the model already carries a CAR state of the right size it is reused, so a model restored
-    from a checkpoint keeps its EMA.
+    from a checkpoint or a .keras file keeps its EMA. A new state turns a Functional or Sequential
+    model into a CARFunctional or CARSequential (same layers, weights and behaviour), so that
+    ``model.save`` records it; a subclassed model should create the state in its ``__init__``.
     """
     state = getattr(model, ATTRIBUTE, None)
     if state is not None and state.num_classes != loss.num_classes:
@@ -78,6 +129,23 @@ def attach_car_state(model, loss):
     if state is None:
         with model.distribute_strategy.scope():
             state = CARState(loss.num_classes, spec_lambda=loss.spec_lambda, name=ATTRIBUTE)
-        setattr(model, ATTRIBUTE, state)
+        fix = (
+            f"create the state in the model's __init__: self.{ATTRIBUTE} = "
+            f"car_tf.CARState({loss.num_classes}, spec_lambda={loss.spec_lambda})."
+        )
+        try:
+            setattr(model, ATTRIBUTE, state)
+        except ValueError:  # Keras locks a built subclassed model against new sub-layers
+            name = type(model).__name__
+            raise ValueError(f"{name} is built and takes no new layer; {fix}") from None
+        carrier = _CARRIERS.get(type(model))
+        if carrier is not None:
+            model.__class__ = carrier
+        elif not isinstance(model, CarriesCARState):
+            warnings.warn(
+                f"{type(model).__name__} does not rebuild {ATTRIBUTE} from its config, so a .keras "
+                f"file of it loads without the CAR state (save_weights keeps it); {fix}",
+                stacklevel=2,
+            )
     loss.state = state
     return state

@@ -170,9 +170,10 @@ def attach_decoupled_terms(
     belongs to the clone's graph alone); a FeatureNormPenalty follows the "features" layer and a
     UniformityRegularizer is set on the kernel variable of the "classifier" layer (any layer with
     a ``kernel`` [D, K]: Dense or a cosine classifier). A weight of 0 leaves that term out.
-    Call it inside the ``strategy.scope()`` the model was built in. Saving keeps the feature-norm
-    layer but not the kernel's regularizer (a variable attribute, not layer config): to resume
-    training from a saved model, attach the terms again.
+    Call it inside the ``strategy.scope()`` the model was built in. The regularizer becomes the
+    classifier's ``kernel_regularizer`` and the feature-norm layer a layer of the graph, so both are
+    in the model's config: a model saved with ``model.save("x.keras")`` loads (with car_tf
+    imported) with both terms in place.
     """
     _check_kind(uniformity, UNIFORMITY_KINDS, "uniformity")
     _check_kind(feature_norm, FEATURE_NORM_KINDS, "feature_norm")
@@ -184,10 +185,11 @@ def attach_decoupled_terms(
         )
     classifier = model.get_layer("classifier")
     kernel = getattr(classifier, "kernel", None)
-    if kernel is None or len(kernel.shape) != 2:
+    regularizable = "kernel_regularizer" in classifier.get_config()
+    if uniformity_weight and (kernel is None or len(kernel.shape) != 2 or not regularizable):
         raise ValueError(
-            f"classifier layer {classifier.name!r} has no kernel of shape [D, K] for the "
-            "uniformity term; use a Dense or cosine classifier."
+            f"classifier layer {classifier.name!r} has no kernel [D, K] with a kernel_regularizer "
+            "for the uniformity term; use a Dense or cosine classifier."
         )
 
     def call_layer(layer, *args, **kwargs):
@@ -201,5 +203,7 @@ def attach_decoupled_terms(
     attached.set_weights(model.get_weights())
     if uniformity_weight:
         regularizer = UniformityRegularizer(uniformity_weight, uniformity)
-        attached.get_layer("classifier").kernel.regularizer = regularizer
+        attached_classifier = attached.get_layer("classifier")
+        attached_classifier.kernel_regularizer = regularizer  # what its config records
+        attached_classifier.kernel.regularizer = regularizer  # what the built variable applies
     return attached

@@ -6,6 +6,7 @@ from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.trainers.data_adapters import data_adapter_utils
 
+from car_tf.car_state import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
     checked_counts,
@@ -37,7 +38,7 @@ def projection_head(input_dim, hidden_dim, output_dim, name):
 
 
 @keras.saving.register_keras_serializable(package="car_tf")
-class ConCutMixModel(keras.Model):
+class ConCutMixModel(CarriesCARState, keras.Model):
     """Trains ``classifier`` on concutmix_stage batches; calling it runs the plain classifier.
 
     Each step feeds [mixed; view1; view2] through the classifier in one batch. The mixed images'
@@ -48,6 +49,7 @@ class ConCutMixModel(keras.Model):
     from a second head of the same shape (``prototype_head``) applied to the classifier's weights.
     The epoch that gates rectification comes with the data (the stage's ``epoch`` entry), so a
     resumed run needs no extra state. Evaluation, prediction and export use ``.classifier``.
+    ``model.save`` keeps both heads and, under CARLoss, the model's ``car_state``.
 
     Args:
         classifier: functional keras.Model (images -> logits) with layers "features" ([B, D]) and
@@ -242,7 +244,9 @@ class ConCutMixModel(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["classifier"] = keras.saving.deserialize_keras_object(config["classifier"])
-        return cls(**config)
+        config["classifier"] = keras.saving.deserialize_keras_object(
+            config["classifier"], custom_objects
+        )
+        return super().from_config(config, custom_objects)

@@ -14,7 +14,13 @@ class CosineClassifier(keras.layers.Layer):
     """
 
     def __init__(
-        self, units, scale=30.0, epsilon=1e-12, kernel_initializer="glorot_uniform", **kwargs
+        self,
+        units,
+        scale=30.0,
+        epsilon=1e-12,
+        kernel_initializer="glorot_uniform",
+        kernel_regularizer=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if int(units) < 1:
@@ -25,10 +31,14 @@ class CosineClassifier(keras.layers.Layer):
         self.scale = float(scale)
         self.epsilon = float(epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, input_shape):
         self.kernel = self.add_weight(
-            name="kernel", shape=(input_shape[-1], self.units), initializer=self.kernel_initializer
+            name="kernel",
+            shape=(input_shape[-1], self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
         )
 
     def _l2_normalize(self, x, axis):
@@ -50,6 +60,7 @@ class CosineClassifier(keras.layers.Layer):
             "scale": self.scale,
             "epsilon": self.epsilon,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
         }
 
 
