@@ -8,6 +8,11 @@ row is y counts toward each of its ``label_classes`` heaviest classes j with wei
 the batch confusion is then the y_j-weighted sum of those samples' contributions divided by
 max(1, sum of y_j), which reduces to the released code's mean over the members of class j for
 one-hot labels.
+
+A batch fills at most B * m of the K columns, so the EMA is stored as Cbar[:, j] = d_j * M[j, :]:
+a decay multiplies the vector d (O(K)); the batch's columns are rescaled and added to M and their
+d_j reset to 1 (O(K * B)). That is the exact recurrence Cbar_t = beta Cbar_{t-1} + (1 - beta) C_t,
+and the only K x K array is M.
 """
 
 from keras import ops
@@ -57,26 +62,23 @@ def contributions(
     )
 
 
-def class_sums(contrib, ids, weights, num_classes):
-    """(numerator [K, K], class mass [K]): contributions summed per true class (column)."""
-    by_true_class = ops.segment_sum(contrib, ids, num_segments=num_classes)  # [K (j), K (i)]
+def column_scales(ids, weights, num_classes):
+    """(1 / max(1, mass_j) for each row's class j [B*m], class mass [K]): C_t's column normaliser."""
     mass = ops.segment_sum(weights, ids, num_segments=num_classes)
-    return ops.transpose(by_true_class), mass
-
-
-def confusion_terms(logits, y_true, **kwargs):
-    """Unnormalised batch confusion (numerator [K, K], class mass [K]); options as in contributions."""
-    return class_sums(*contributions(logits, y_true, **kwargs), logits.shape[-1])
-
-
-def normalize_confusion(numerator, mass):
-    """C_t[i, j] = numerator[i, j] / max(1, mass_j)."""
-    return numerator / ops.maximum(mass, 1.0)[None, :]
+    return ops.take(1.0 / ops.maximum(mass, 1.0), ids), mass
 
 
 def batch_confusion(logits, y_true, **kwargs):
-    """The batch surrogate C_t of SPEC.md section 1 on one device (keyword options as in confusion_terms)."""
-    return normalize_confusion(*confusion_terms(logits, y_true, **kwargs))
+    """The dense batch surrogate C_t [K, K] of SPEC.md section 1 (options as in contributions).
+
+    C_t[i, j] = sum over rows q of class j of contrib[q, i] / max(1, mass_j). Training never forms
+    it: the EMA takes the scaled rows directly (``CARState.update_ema``).
+    """
+    contrib, ids, weights = contributions(logits, y_true, **kwargs)
+    num_classes = contrib.shape[-1]
+    scale, _ = column_scales(ids, weights, num_classes)
+    by_true_class = ops.segment_sum(contrib * scale[:, None], ids, num_segments=num_classes)
+    return ops.transpose(by_true_class)
 
 
 def frequency_weights(class_counts, r0=0.2, count_based=False):
@@ -90,30 +92,25 @@ def frequency_weights(class_counts, r0=0.2, count_based=False):
     return ops.maximum(w / ops.mean(w), 1e-3)
 
 
-def ema_update(previous, current, beta, initialized=True):
-    """Cbar_t = beta * sg(Cbar_{t-1}) + (1 - beta) * C_t; gradient flows only through C_t.
+def ema_coefficients(beta, initialized, updating):
+    """(decay of the stored EMA, weight of C_t), float64, for one step of the EMA recurrence.
 
-    ``initialized`` False (a bool or 0/1 tensor) means ``previous`` holds no history yet: the step then
-    returns sg(C_t), as the released code's first step does. The paper's Cbar_0 = 0 is
-    ``previous = 0, initialized = True``.
+    Cbar_t = decay * Cbar_{t-1} + weight * C_t with (beta, 1 - beta) while training. ``initialized``
+    0 means no history yet: the step sets Cbar_t = C_t (the released code's first step; the paper's
+    Cbar_0 = 0 is ``initialized = 1`` on a zero EMA). ``updating`` 0 (evaluation) gives (1, 0).
+    Float64, so that a column absent for n steps decays by beta^n to float32 accuracy.
     """
-    blended = beta * ops.stop_gradient(previous) + (1.0 - beta) * current
-    return ops.where(ops.cast(initialized, "bool"), blended, ops.stop_gradient(current))
-
-
-def weighted_confusion(ema, weights):
-    """A = Cbar diag(w): column j scaled by w_j."""
-    return ema * weights[None, :]
+    initialized = ops.cast(initialized, "float64")
+    updating = ops.cast(updating, "float64")
+    decay = beta * initialized
+    return updating * decay + (1.0 - updating), updating * (1.0 - decay)
 
 
 __all__ = [
     "batch_confusion",
-    "class_sums",
-    "confusion_terms",
+    "column_scales",
     "contributions",
-    "ema_update",
+    "ema_coefficients",
     "frequency_weights",
     "label_memberships",
-    "normalize_confusion",
-    "weighted_confusion",
 ]

@@ -2,17 +2,26 @@
 
 sigma = u^T A v with u, v the top singular vectors held under stop-gradient gives the same value and
 gradient as differentiating a full SVD, at the cost of finding u and v. They come from an SVD
-(small K) or from a power iteration warm-started with the previous step's vectors (large K).
+(small K) or from a warm-started power iteration that sees A only through the products A x and
+A^T y (large K), so A is never formed. The products of A with the current u and v are kept up to
+date between rounds by whoever changes A, and a round runs only while sigma has not converged to
+a tolerance: once the EMA drifts slowly most steps need no pass over the K x K matrix at all.
 """
 
 from keras import ops
 
 SPECTRAL_METHODS = ("auto", "svd", "power")
-_EPS = 1e-12
+SVD_MAX_CLASSES = 100
+POWER_TOLERANCE = 3e-6  # sigma within about 1e-4 of an SVD even on near-identity matrices
+_EPS = 1e-30
+
+
+def _norm(x):
+    return ops.sqrt(ops.sum(ops.square(x)))
 
 
 def _unit(x):
-    return x / (ops.sqrt(ops.sum(ops.square(x))) + _EPS)
+    return x / (_norm(x) + _EPS)
 
 
 def top_singular_vectors_svd(a):
@@ -21,15 +30,40 @@ def top_singular_vectors_svd(a):
     return u[:, 0], vh[0, :]
 
 
-def power_iteration(a, v, iterations):
-    """(u, v) after ``iterations`` rounds of u <- A v / |A v|, v <- A^T u / |A^T u| from ``v``; no gradient."""
-    a = ops.stop_gradient(ops.cast(a, "float32"))
-    v = _unit(ops.stop_gradient(v))
-    u = v
-    for _ in range(iterations):
-        u = _unit(ops.matmul(a, v))
-        v = _unit(ops.matmul(u, a))
-    return u, v
+def sigma_gain(u, v, av, atu):
+    """How much half a power round would raise sigma = u^T A v, relative: 0 for a singular pair.
+
+    Each half round replaces sigma by |A v| or |A^T u| (both >= sigma); the gain is about half the
+    squared residual |A^T u - sigma v|^2 / sigma^2, so sigma has converged where it is small.
+    """
+    sigma = ops.sum(u * av)
+    best = ops.maximum(_norm(av), _norm(atu))
+    return (best - sigma) / (best + _EPS)
+
+
+def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_rounds):
+    """Warm-started power iteration on A, seen only through ``matvec`` (A x) and ``rmatvec`` (A^T y).
+
+    Starts from unit vectors u, v with their products av = A v and atu = A^T u, and runs rounds
+    v <- A^T u / |A^T u|, u <- A v / |A v| (two passes over A each) while ``sigma_gain`` is above
+    ``tolerance`` and fewer than ``max_rounds`` rounds have run. Stopping on sigma rather than on
+    the vectors keeps near-identity confusion matrices cheap: with nearly equal top singular
+    values the vectors wander among them for many rounds while sigma is already exact. Returns (u, v, av, atu, rounds),
+    av and atu the products of the returned pair; sigma = u^T A v = sum(u * av). No gradient.
+    """
+
+    def unfinished(rounds, u, v, av, atu):
+        return ops.logical_and(rounds < max_rounds, sigma_gain(u, v, av, atu) > tolerance)
+
+    def one_round(rounds, u, v, av, atu):
+        v = _unit(atu)
+        av = matvec(v)
+        u = _unit(av)
+        return rounds + 1, u, v, av, rmatvec(u)
+
+    start = [ops.convert_to_tensor(0, "int32")] + [ops.stop_gradient(x) for x in (u, v, av, atu)]
+    rounds, u, v, av, atu = ops.while_loop(unfinished, one_round, start)
+    return u, v, av, atu, rounds
 
 
 def spectral_norm(a, u, v):
@@ -38,7 +72,7 @@ def spectral_norm(a, u, v):
     return ops.sum(u * ops.matmul(ops.cast(a, "float32"), v))
 
 
-def resolve_method(method, num_classes, svd_max_classes=1024):
+def resolve_method(method, num_classes, svd_max_classes=SVD_MAX_CLASSES):
     """Maps "auto" to "svd" up to ``svd_max_classes`` classes and to "power" above."""
     if method not in SPECTRAL_METHODS:
         raise ValueError(

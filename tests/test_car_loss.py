@@ -42,7 +42,7 @@ def test_loss_matches_numpy_over_two_steps():
         want = np_ce(logits, labels).mean() + 0.5 * sigma
         got = loss(labels, logits).numpy()
         assert got == pytest.approx(want, rel=1e-5)
-        np.testing.assert_allclose(loss.state.ema.numpy(), ema, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(loss.state.ema_matrix().numpy(), ema, rtol=1e-5, atol=1e-8)
 
 
 def test_paper_variant_starts_from_zero_ema():
@@ -53,7 +53,7 @@ def test_paper_variant_starts_from_zero_ema():
     labels = rng.integers(0, 4, size=8)
     loss(labels, logits)
     np.testing.assert_allclose(
-        loss.state.ema.numpy(), 0.5 * np_batch_confusion(logits, labels), rtol=1e-5, atol=1e-8
+        loss.state.ema_matrix().numpy(), 0.5 * np_batch_confusion(logits, labels), rtol=1e-5, atol=1e-8
     )
 
 
@@ -87,20 +87,75 @@ def test_config_round_trip():
     assert restored.get_config() == loss.get_config()
 
 
+@pytest.mark.parametrize(
+    "counts,kwargs,message",
+    [
+        ([10, 0, 3], {}, r"positive training count.*classes \[1\] have none"),
+        ([10, -2, 3], {}, r"classes \[1\] have none"),
+        ([10, 2.5, 3], {}, r"whole numbers, but class 1 has 2.5"),
+        ([10, np.nan, 3], {}, r"whole numbers, but class 1 has nan"),
+        ([10], {}, "at least 2"),
+        (COUNTS, {"spec_lambda": -0.1}, r"spec_lambda=-0.1 must be a number >= 0"),
+        (COUNTS, {"spec_lambda": float("nan")}, r"spec_lambda=nan must be a number >= 0"),
+        (COUNTS, {"power_tolerance": 0.0}, "must be positive"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_sentence(counts, kwargs, message):
+    with pytest.raises(ValueError, match=message) as error:
+        car_tf.CARLoss(counts, base=sparse_ce(), **kwargs)
+    assert str(error.value).count(". ") == 0 and str(error.value).endswith(".")
+
+
 def test_clear_errors():
-    with pytest.raises(ValueError, match="positive training count"):
-        car_tf.CARLoss([10, 0, 3], base=sparse_ce())
     loss = car_tf.CARLoss(COUNTS, base=sparse_ce())
     with pytest.raises(ValueError, match="no state"):
         loss(np.array([0]), np.zeros((1, 4), np.float32))
     with_state(loss)
     with pytest.raises(ValueError, match="outputs 3 logits"):
         loss(np.array([0]), np.zeros((1, 3), np.float32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="outside"):
-        loss(np.array([0, 7]), np.zeros((2, 4), np.float32))
-    nan_logits = np.full((2, 4), np.nan, np.float32)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
-        loss(np.array([0, 1]), nan_logits)
+    for spectral_method in ("svd", "power"):
+        loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), spectral_method=spectral_method)
+        with_state(loss)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"a label lies outside \[0, 4\)"):
+            loss(np.array([0, 7]), np.zeros((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("spectral_method", ["svd", "power"])
+def test_out_of_range_label_inside_fit_gets_the_package_message(spectral_method):
+    x, y = toy_data(n=16)
+    y[5] = 9
+    model = toy_model()
+    loss = car_tf.CARLoss(COUNTS, base="ce", spectral_method=spectral_method)
+    model.compile(keras.optimizers.SGD(0.1), loss=loss)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[car_tf.CARCallback(loss)])
+    text = str(error.value)
+    assert "a label lies outside [0, 4); check the data set" in text
+    assert "segment" not in text.lower() and "indices" not in text.lower()
+
+
+class _RecordLoss(keras.callbacks.Callback):
+    """Records each step's loss, as car_tf.train's NaN guard reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append(float(logs["loss"]))
+
+
+@pytest.mark.parametrize("spectral_method", ["svd", "power"])
+def test_nan_input_gives_a_nan_loss_not_an_error(spectral_method):
+    x, y = toy_data(n=32)
+    x[20] = np.nan  # second batch
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    loss = car_tf.CARLoss(COUNTS, base="ce", spectral_method=spectral_method)
+    model.compile(keras.optimizers.SGD(0.1), loss=loss)
+    record = _RecordLoss()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[car_tf.CARCallback(loss), record])
+    assert np.isfinite(record.losses[0]) and np.isnan(record.losses[1])
 
 
 def toy_data(n=64, seed=0):
@@ -143,20 +198,20 @@ def test_fit_logs_penalty_and_keeps_state_on_the_model(tmp_path):
     penalty = history.history["car_penalty"]
     assert penalty[0] == 0.0  # lambda ramps from 0
     assert penalty[2] == pytest.approx(0.3 * sigma[2], rel=1e-5)
-    ema = model.car_state.ema.numpy()
+    ema = model.car_state.ema_matrix().numpy()
     assert ema.sum() > 0 and np.all(np.diag(ema) == 0)
     path = str(tmp_path / "m.weights.h5")
     model.save_weights(path)
     fresh = toy_model()
     attach_car_state(fresh, car_tf.CARLoss(COUNTS, base=sparse_ce()))
     fresh.load_weights(path)
-    np.testing.assert_array_equal(fresh.car_state.ema.numpy(), ema)
+    np.testing.assert_array_equal(fresh.car_state.ema_matrix().numpy(), ema)
 
 
 def test_one_and_two_replicas_agree():
     def run(strategy):
         model, _ = train(2, strategy)
-        return [w.numpy() for w in model.weights] + [model.car_state.ema.numpy()]
+        return [w.numpy() for w in model.weights] + [model.car_state.ema_matrix().numpy()]
 
     assert_results_close(run_under_strategies(run), atol=1e-5)
 
@@ -164,7 +219,7 @@ def test_one_and_two_replicas_agree():
 def test_two_replicas_with_power_iteration_agree():
     def run(strategy):
         model, _ = train(1, strategy, spectral_method="power")
-        return [model.car_state.ema.numpy(), model.car_state.power_v.numpy()]
+        return [model.car_state.ema_matrix().numpy(), model.car_state.power_v.numpy()]
 
     assert_results_close(run_under_strategies(run), atol=1e-5)
 
@@ -190,7 +245,7 @@ def test_killed_run_resumes_with_its_ema(tmp_path):
         train(4, extra_callbacks=[backup, _Kill(epoch=2, batch=1)])
     resumed, history = train(4, extra_callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
     assert len(history.history["loss"]) == 2  # epochs 2 and 3 only
-    np.testing.assert_allclose(resumed.car_state.ema.numpy(), reference.car_state.ema.numpy(), atol=1e-6)
+    np.testing.assert_allclose(resumed.car_state.ema_matrix().numpy(), reference.car_state.ema_matrix().numpy(), atol=1e-6)
     for got, want in zip(resumed.weights, reference.weights, strict=True):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
 
@@ -203,7 +258,7 @@ def test_validation_leaves_the_ema_alone():
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
     model.fit(*toy_data(), batch_size=16, epochs=2, shuffle=False, verbose=0,
               validation_data=(x, y), callbacks=[car_tf.CARCallback()])
-    np.testing.assert_allclose(model.car_state.ema.numpy(), plain.car_state.ema.numpy(), atol=1e-7)
+    np.testing.assert_allclose(model.car_state.ema_matrix().numpy(), plain.car_state.ema_matrix().numpy(), atol=1e-7)
     assert model.car_state.updating.numpy() == 1.0
 
 
@@ -212,11 +267,12 @@ def test_loss_gradient_matches_finite_differences(spectral_method):
     rng = np.random.default_rng(7)
     beta, lam = 0.6, 0.5
     loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), spec_lambda=lam, beta=beta,
-                          spectral_method=spectral_method, power_iterations=200)
+                          spectral_method=spectral_method, power_iterations=200,
+                          power_tolerance=1e-7)
     with_state(loss)
     labels0 = np.array([0, 1, 2, 3, 0, 1])
     loss(labels0, rng.normal(size=(6, 4)).astype(np.float32))  # first step: the EMA starts
-    previous = loss.state.ema.numpy().astype(np.float64)
+    previous = loss.state.ema_matrix().numpy().astype(np.float64)
     labels = np.array([0, 0, 1, 2, 3, 3, 1])
     x = rng.normal(size=(7, 4))
     z = tf.constant(x.astype(np.float32))
@@ -239,3 +295,24 @@ def test_loss_gradient_matches_finite_differences(spectral_method):
 
     numeric = numeric_gradient(objective, x, 1e-5)
     np.testing.assert_allclose(grad, numeric, atol=2e-5)
+
+
+def test_power_state_follows_the_ema_and_agrees_with_svd():
+    """Matrix-free power iteration inside CARLoss: A v and A^T u stay exact, sigma matches an SVD."""
+    k, rng = 150, np.random.default_rng(8)
+    counts = np.maximum(500 * 100.0 ** (-np.arange(k) / (k - 1)), 1).astype(int)
+    # A fast-moving EMA (a fifth of the columns renewed each step) needs more than the default cap.
+    loss = car_tf.CARLoss(counts, base="ce", spectral_method="power", power_iterations=100)
+    attach_car_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(k)]), loss)
+    centers = rng.normal(size=(k, k)) * 2  # a model that confuses some classes more than others
+    w = np_frequency_weights(counts, 0.2)
+    for step in range(40):
+        labels = rng.choice(k, size=32, p=counts / counts.sum())
+        sigma = float(loss.penalty(centers[labels] + rng.normal(size=(32, k)), labels))
+        state = loss.state
+        a = state.ema_matrix().numpy().astype(np.float64) * w[None, :]
+        u, v = state.power_u.numpy(), state.power_v.numpy()
+        np.testing.assert_allclose(state.power_av.numpy(), a @ v, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(state.power_atu.numpy(), a.T @ u, rtol=1e-4, atol=1e-9)
+        if step >= 10:
+            assert sigma == pytest.approx(np.linalg.norm(a, 2), rel=1e-4)

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from car_tf import confusion, spectral
+from car_tf.car_state import CARState
 
 
 def np_softmax(x):
@@ -132,19 +133,52 @@ def test_frequency_weights_clamp():
     assert w.min() == pytest.approx(1e-3)
 
 
-def test_ema_update_values_and_gradient_path():
-    prev = tf.Variable(np.full((3, 3), 0.5, np.float32))
-    cur = tf.Variable(np.eye(3, dtype=np.float32))
-    with tf.GradientTape(persistent=True) as tape:
-        out = confusion.ema_update(prev, cur, 0.9)
-        first = confusion.ema_update(prev, cur, 0.9, initialized=False)
-        total, total_first = tf.reduce_sum(out), tf.reduce_sum(first)
-    np.testing.assert_allclose(out.numpy(), 0.9 * 0.5 + 0.1 * np.eye(3), rtol=1e-6)
-    np.testing.assert_allclose(first.numpy(), np.eye(3))
-    assert tape.gradient(total, prev) is None
-    np.testing.assert_allclose(tape.gradient(total, cur).numpy(), np.full((3, 3), 0.1))
-    # released code: the first step is sg(C_1), no gradient through the surrogate
-    np.testing.assert_array_equal(tape.gradient(total_first, cur).numpy(), 0.0)
+def np_ema(batches, beta, ema_init):
+    """The dense recurrence of SPEC.md section 1 in float64, one C_t per training batch."""
+    ema = None
+    for c in batches:
+        if ema is None:
+            ema = c if ema_init == "first_batch" else (1 - beta) * c
+        else:
+            ema = beta * ema + (1 - beta) * c
+    return ema
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.5, 0.0])
+@pytest.mark.parametrize("ema_init", ["first_batch", "zeros"])
+def test_column_wise_ema_matches_the_dense_recurrence(beta, ema_init):
+    """Thousands of steps, most classes absent from most batches, evaluation steps interleaved."""
+    k, batch, steps = 60, 8, 2000
+    rng = np.random.default_rng(5)
+    p = 0.8 ** np.arange(k)  # long tail: the rarest classes are in a batch about once in 10^5 steps
+    state = CARState(k)
+
+    @tf.function
+    def step(rows, ids, updating):
+        initialized = 1.0 if ema_init == "zeros" else state.initialized
+        scale, _ = confusion.column_scales(ids, tf.ones_like(rows[:, 0]), k)
+        decay, weight = confusion.ema_coefficients(beta, initialized, updating)
+        state.update_ema(rows * scale[:, None], ids, decay, weight, updating)
+        state.initialized.assign(tf.maximum(state.initialized, updating))
+
+    batches = []
+    for t in range(steps):
+        ids = rng.choice(k, size=batch, p=p / p.sum()).astype(np.int32)
+        rows = rng.uniform(size=(batch, k)).astype(np.float32)
+        updating = float(t % 7 != 3)  # every 7th step is an evaluation step
+        step(tf.constant(rows), tf.constant(ids), tf.constant(updating))
+        if updating:
+            c = np.zeros((k, k))
+            np.add.at(c.T, ids, rows.astype(np.float64))
+            batches.append(c / np.maximum(np.bincount(ids, minlength=k), 1)[None, :])
+        if t in (1, steps - 1):  # right after the start, and at the end
+            want, got = np_ema(batches, beta, ema_init), state.ema_matrix().numpy()
+            representable = np.abs(want) > 1e-30  # float32 flushes older history to 0
+            relative = np.abs(got - want)[representable] / np.abs(want)[representable]
+            assert relative.max() < 1e-6
+            np.testing.assert_array_less(np.abs(got[~representable]), 1e-29)
+    in_batch = np.mean([np.any(c, axis=0) for c in batches], axis=0)  # share of batches per class
+    assert np.mean(in_batch < 0.1) > 0.5  # most classes are absent from most batches
 
 
 def random_confusion(k, rng, near_identity=False):
@@ -167,22 +201,50 @@ def test_svd_sigma_value_and_gradient():
     np.testing.assert_allclose(grad, numeric, atol=1e-3)
 
 
+def dense_power_iteration(a, u, v, **kwargs):
+    """spectral.power_iteration on a dense matrix, with the products of the warm-start pair."""
+    a = tf.constant(a, tf.float32)
+    return spectral.power_iteration(
+        lambda x: tf.linalg.matvec(a, x),
+        lambda y: tf.linalg.matvec(a, y, transpose_a=True),
+        u, v, tf.linalg.matvec(a, v), tf.linalg.matvec(a, u, transpose_a=True), **kwargs,
+    )
+
+
 @pytest.mark.parametrize("near_identity", [False, True])
 def test_warm_started_power_iteration_agrees_with_svd(near_identity):
     rng = np.random.default_rng(4)
     k = 300
     base = random_confusion(k, rng, near_identity)
-    v = tf.fill([k], k**-0.5)
-    for step in range(60):  # a slowly drifting EMA matrix, 4 rounds a step, as in training
+    u = v = tf.fill([k], k**-0.5)
+    rounds_per_step = []
+    for step in range(60):  # a slowly drifting EMA matrix, warm-started, as in training
         a = base * (1.0 + 0.001 * np.sin(step)) + 1e-4 * rng.uniform(size=(k, k)).astype(np.float32)
-        u, v = spectral.power_iteration(a, v, 4)
-    sigma = spectral.spectral_norm(a, u, v).numpy()
-    exact = np.linalg.norm(a.astype(np.float64), 2)
-    assert abs(sigma - exact) / exact < 1e-4
+        u, v, av, atu, rounds = dense_power_iteration(a, u, v, tolerance=spectral.POWER_TOLERANCE, max_rounds=10)
+        rounds_per_step.append(int(rounds))
+        exact = np.linalg.norm(a.astype(np.float64), 2)
+        if step >= 30:  # after warm-up
+            assert abs(float(tf.reduce_sum(u * av)) - exact) / exact < 1e-4
+    np.testing.assert_allclose(av.numpy(), a @ v.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(atu.numpy(), a.T @ u.numpy(), rtol=1e-5, atol=1e-7)
+    assert np.mean(rounds_per_step[30:]) <= 3  # a warm start needs few rounds, not the cap
+
+
+def test_power_iteration_stops_at_the_tolerance_and_the_cap():
+    rng = np.random.default_rng(6)
+    a = random_confusion(50, rng)
+    start = tf.fill([50], 50**-0.5)
+    u, v, av, atu, rounds = dense_power_iteration(a, start, start, tolerance=spectral.POWER_TOLERANCE, max_rounds=100)
+    assert 0 < int(rounds) < 100
+    assert float(spectral.sigma_gain(u, v, av, atu)) <= spectral.POWER_TOLERANCE
+    *_, rounds_again = dense_power_iteration(a, u, v, tolerance=spectral.POWER_TOLERANCE, max_rounds=100)
+    assert int(rounds_again) == 0  # a converged pair costs no pass over A
+    *_, capped = dense_power_iteration(a, start, start, tolerance=1e-12, max_rounds=3)
+    assert int(capped) == 3
 
 
 def test_auto_method_threshold_and_unknown_method():
-    assert spectral.resolve_method("auto", 1024) == "svd"
-    assert spectral.resolve_method("auto", 1025) == "power"
+    assert spectral.resolve_method("auto", spectral.SVD_MAX_CLASSES) == "svd"
+    assert spectral.resolve_method("auto", spectral.SVD_MAX_CLASSES + 1) == "power"
     with pytest.raises(ValueError, match="spectral_method"):
         spectral.resolve_method("lanczos", 10)

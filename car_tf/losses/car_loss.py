@@ -43,8 +43,13 @@ class CARLoss(keras.losses.Loss):
         margin: gamma of the paper's gate sigmoid(gamma + f_i - f_j) (released code 0).
         differentiable_gate: let gradient through the sigmoid gate (released code: no).
         ema_init: "first_batch" (released code: Cbar_1 = sg(C_1)) or "zeros" (paper: Cbar_0 = 0).
-        spectral_method: "svd", "power" or "auto" (SVD up to ``svd_max_classes`` classes).
-        power_iterations: power-iteration rounds per step, warm-started from the previous step.
+        spectral_method: "svd", "power" or "auto" (SVD up to ``svd_max_classes`` classes, default
+            100: above that the warm-started power iteration is faster and as exact).
+        power_iterations: at most this many power-iteration rounds per step (warm-started from the
+            previous step's vectors).
+        power_tolerance: rounds run while half a round more would raise sigma by more than this
+            fraction (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity
+            confusion matrices included).
         label_classes: for soft labels, how many of each row's heaviest classes it counts toward.
     """
 
@@ -62,19 +67,23 @@ class CARLoss(keras.losses.Loss):
         differentiable_gate=False,
         ema_init="first_batch",
         spectral_method="auto",
-        svd_max_classes=1024,
-        power_iterations=4,
+        svd_max_classes=spectral.SVD_MAX_CLASSES,
+        power_iterations=10,
+        power_tolerance=spectral.POWER_TOLERANCE,
         label_classes=2,
         name="car_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        counts = np.asarray(class_counts, dtype=np.int64).reshape(-1)
-        if counts.size < 2 or np.any(counts <= 0):
-            bad = np.flatnonzero(counts <= 0).tolist()
+        counts = _checked_counts(class_counts)
+        if not spec_lambda >= 0.0:  # also refuses NaN
             raise ValueError(
-                f"class_counts must hold a positive training count for each of at least 2 classes, "
-                f"but classes {bad} have none; drop those classes or fix the counts."
+                f"spec_lambda={spec_lambda} must be a number >= 0; use 0.3 (the released default)."
+            )
+        if not (power_iterations >= 1 and power_tolerance > 0.0):
+            raise ValueError(
+                f"power_iterations={power_iterations} and power_tolerance={power_tolerance} must be "
+                "positive; use the defaults 10 and 3e-6."
             )
         if ema_init not in EMA_INITS:
             raise ValueError(f"ema_init={ema_init!r} is not known; use one of {EMA_INITS}.")
@@ -103,6 +112,7 @@ class CARLoss(keras.losses.Loss):
         self.requested_spectral_method = spectral_method
         self.svd_max_classes = int(svd_max_classes)
         self.power_iterations = int(power_iterations)
+        self.power_tolerance = float(power_tolerance)
         self.label_classes = int(label_classes)
         self.weights = np.asarray(
             confusion.frequency_weights(counts, self.r0, self.count_based_weights), np.float32
@@ -116,6 +126,7 @@ class CARLoss(keras.losses.Loss):
                 f"the model outputs {logits.shape[-1]} logits but CARLoss has {self.num_classes} "
                 "class counts; pass one count per class of the model's output."
             )
+        y_true = _checked_labels(y_true, self.num_classes)  # before any gather by label
         per_sample = ops.cast(self.base.call(y_true, logits), "float32")
         if self.state is None and in_symbolic_scope():
             return per_sample  # Keras's shape-only build pass under a strategy, before callbacks run
@@ -124,21 +135,24 @@ class CARLoss(keras.losses.Loss):
                 "CARLoss has no state on the model; pass car_tf.CARCallback(loss) to model.fit, "
                 "or call car_tf.attach_car_state(model, loss) before training."
             )
-        sigma = self.penalty(logits, y_true)
+        sigma = self.penalty(logits, y_true)  # NaN logits give a NaN loss, as without CAR
         return per_sample + self.state.spec_lambda * sigma
 
-    def penalty(self, logits, y_true):
+    def penalty(self, logits, labels):
         """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect.
 
-        The K x K work is forward-only. sigma is a function of this batch's contribution rows
-        through Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the
-        rows directly: d sigma / d contrib[q, i] = (1 - beta) u_i v_j w_j / max(1, mass_j) for a
-        row of true class j (u, v the top singular vectors of A). No K x K gradient is formed.
+        The K x K work is forward-only and touches the matrix only where it must: the EMA update
+        rescales and adds the batch's columns (O(K * B)), and so do the products A v, A^T u of the
+        power iteration's pair; rounds (two passes over the EMA) run only while sigma has not
+        converged to ``power_tolerance``. sigma is a function of this batch's contribution rows through
+        Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the rows
+        directly: d sigma / d contrib[q, i] = (1 - beta) u_i v_j w_j / max(1, mass_j) for a row of
+        true class j (u, v the top singular vectors of A). No K x K gradient is formed.
         """
         state = self.state
         contrib, ids, weights = confusion.contributions(
             logits,
-            _checked_labels(y_true, self.num_classes),
+            labels,
             temperature=self.temperature,
             margin=self.margin,
             differentiable_gate=self.differentiable_gate,
@@ -149,42 +163,64 @@ class CARLoss(keras.losses.Loss):
         replicas = replica.num_replicas_in_sync if replica is not None else 1
         if replicas > 1:  # every replica builds the same global C_t from all replicas' rows
             rows = replica.all_gather(rows, axis=0)
-        numerator, mass = confusion.class_sums(*rows, self.num_classes)
-        current = confusion.normalize_confusion(numerator, mass)
+        all_contrib, all_ids, all_weights = rows
+        scale, mass = confusion.column_scales(all_ids, all_weights, self.num_classes)
+        columns = all_contrib * scale[:, None]  # C_t's columns, one row per membership
         initialized = 1.0 if self.ema_init == "zeros" else state.initialized
         updating = ops.cast(state.updating, "float32")
         # Evaluation (updating = 0) scores the stored EMA and changes no state.
-        ema = ops.where(
-            updating > 0,
-            confusion.ema_update(state.ema, current, self.beta, initialized),
-            state.ema,
-        )
+        decay, weight = confusion.ema_coefficients(self.beta, initialized, updating)
+        state.update_ema(columns, all_ids, decay, weight, updating)
         frequency = ops.convert_to_tensor(self.weights)
-        a = confusion.weighted_confusion(ema, frequency)
         if self.spectral_method == "svd":
+            a = state.ema_matrix() * frequency[None, :]
             u, v = spectral.top_singular_vectors_svd(a)
+            sigma = spectral.spectral_norm(a, u, v)
         else:
-            u, v = spectral.power_iteration(a, state.power_v, self.power_iterations)
-            state.power_v.assign(ops.where(updating > 0, v, state.power_v))
-        sigma = tf.debugging.check_numerics(
-            spectral.spectral_norm(a, u, v),
-            "CAR penalty is NaN or Inf; lower the learning rate or check the inputs and logits "
-            "for NaN",
-        )
-        state.ema.assign(ema)
+            u, v, sigma = self._power_step(state, columns, all_ids, decay, weight, updating)
         state.initialized.assign(ops.maximum(state.initialized, updating))
         state.last_sigma.assign(ops.where(updating > 0, sigma, state.last_sigma))
         state.sigma_sum.assign_add(updating * sigma)
         state.sigma_count.assign_add(updating)
 
         # First step of the released code (sg(C_1)) and evaluation: no gradient.
-        scale = (1.0 - self.beta) * ops.cast(initialized, "float32") * updating
-        per_class = scale * v * frequency / ops.maximum(mass, 1.0)  # [K], indexed by true class
+        grad_scale = (1.0 - self.beta) * ops.cast(initialized, "float32") * updating
+        per_class = grad_scale * v * frequency / ops.maximum(mass, 1.0)  # [K], by true class
         row_grad = ops.stop_gradient(u[None, :] * ops.take(per_class, ids)[:, None])  # [B*m, K]
         # Keras divides each replica's loss by the replica count; the rows of every replica
         # reach sigma, so each replica's share of the gradient is scaled back up.
         linear = replicas * ops.sum(contrib * row_grad)
         return ops.stop_gradient(sigma) + linear - ops.stop_gradient(linear)
+
+    def _power_step(self, state, columns, ids, decay, weight, updating):
+        """(u, v, sigma) of A = Cbar diag(w) after this step's EMA update, warm-started.
+
+        A v and A^T u follow the EMA's recurrence (the batch's columns only), then power rounds
+        run while the residual is above the tolerance (none during evaluation).
+        """
+        frequency = ops.convert_to_tensor(self.weights)
+        u, v = state.power_u, state.power_v
+        decay, weight = ops.cast(decay, "float32"), ops.cast(weight, "float32")
+        batch_av = ops.matmul(ops.take(frequency * v, ids)[None, :], columns)[0]  # C_t (w v)
+        batch_atu = ops.segment_sum(ops.matmul(columns, u[:, None])[:, 0], ids, self.num_classes)
+        av = decay * state.power_av + weight * batch_av
+        atu = decay * state.power_atu + weight * frequency * batch_atu  # w (C_t^T u)
+
+        def matvec(x):
+            return state.ema_times(frequency * x)
+
+        def rmatvec(y):
+            return frequency * state.ema_transpose_times(y)
+
+        rounds = self.power_iterations * ops.cast(updating, "int32")
+        u, v, av, atu, _ = spectral.power_iteration(
+            matvec, rmatvec, u, v, av, atu, self.power_tolerance, rounds
+        )
+        for variable, value in zip(
+            (state.power_u, state.power_v, state.power_av, state.power_atu), (u, v, av, atu)
+        ):
+            variable.assign(value)
+        return u, v, ops.sum(u * av)
 
     def get_config(self):
         config = super().get_config()
@@ -203,6 +239,7 @@ class CARLoss(keras.losses.Loss):
             spectral_method=self.requested_spectral_method,
             svd_max_classes=self.svd_max_classes,
             power_iterations=self.power_iterations,
+            power_tolerance=self.power_tolerance,
             label_classes=self.label_classes,
         )
         return config
@@ -214,16 +251,44 @@ class CARLoss(keras.losses.Loss):
         return cls(**config)
 
 
+def _checked_counts(class_counts):
+    """class_counts as int64 [K]: whole, finite, positive numbers for at least 2 classes."""
+    raw = np.asarray(class_counts, dtype=np.float64).reshape(-1)
+    if raw.size < 2:
+        raise ValueError(
+            f"class_counts has {raw.size} class(es); CAR needs the training counts of at least 2 "
+            "classes."
+        )
+    bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+    if bad.size:
+        raise ValueError(
+            f"class_counts must be whole numbers, but class {bad[0]} has {raw[bad[0]]}; pass the "
+            "number of training images of each class."
+        )
+    bad = np.flatnonzero(raw <= 0)
+    if bad.size:
+        raise ValueError(
+            f"class_counts must hold a positive training count for each class, but classes "
+            f"{bad.tolist()} have none; drop those classes or fix the counts."
+        )
+    return raw.astype(np.int64)
+
+
 def _checked_labels(y_true, num_classes):
-    """Fails with a clear message when an integer label is outside [0, K)."""
+    """Integer labels, checked to lie in [0, K) before anything indexes by them; soft labels as given.
+
+    Under tf.function the check is a data dependency of the returned labels, so it fails with
+    this message before a gather or segment sum can fail with its own.
+    """
+    y_true = ops.convert_to_tensor(y_true)
     if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes:
         return y_true
     labels = ops.cast(y_true, "int32")
-    in_range = tf.reduce_all((labels >= 0) & (labels < num_classes))
-    tf.debugging.assert_equal(
-        in_range,
+    check = tf.debugging.assert_equal(
+        tf.reduce_all((labels >= 0) & (labels < num_classes)),
         True,
         message=f"a label lies outside [0, {num_classes}); check the data set's labels and "
         "the number of classes.",
     )
-    return labels
+    with tf.control_dependencies([check]):
+        return tf.identity(labels)
