@@ -11,6 +11,7 @@ variable stays identical on every replica.
 import warnings
 
 import keras
+from keras import ops
 from keras.src.models.functional import Functional
 
 ATTRIBUTE = "car_state"
@@ -18,7 +19,7 @@ ATTRIBUTE = "car_state"
 
 @keras.saving.register_keras_serializable(package="car_tf")
 class CARState(keras.layers.Layer):
-    """EMA confusion matrix, power-iteration vector, lambda and per-epoch statistics of CAR.
+    """EMA confusion matrix, power-iteration vectors, lambda and per-epoch statistics of CAR.
 
     ``updating`` is 1 while training and 0 during evaluation (CARCallback sets it), so
     validation batches are scored against the EMA without changing it.
@@ -29,19 +30,26 @@ class CARState(keras.layers.Layer):
         self.num_classes = int(num_classes)
         self.initial_lambda = float(spec_lambda)
 
-        def weight(name, shape, initializer="zeros"):
+        def weight(name, shape, initializer="zeros", dtype="float32"):
             return self.add_weight(
                 name=name,
                 shape=shape,
                 initializer=initializer,
+                dtype=dtype,
                 trainable=False,
                 aggregation="only_first_replica",
             )
 
         k = self.num_classes
-        self.ema = weight("ema", (k, k))
+        # Cbar[:, j] = ema_decay[j] * ema_columns[j, :] (the column-wise EMA of confusion.py).
+        self.ema_columns = weight("ema_columns", (k, k))
+        self.ema_decay = weight("ema_decay", (k,), "ones", dtype="float64")
         self.initialized = weight("initialized", ())
+        # Power iteration on A = Cbar diag(w): u, v and the products A v, A^T u, kept current.
+        self.power_u = weight("power_u", (k,), keras.initializers.Constant(k**-0.5))
         self.power_v = weight("power_v", (k,), keras.initializers.Constant(k**-0.5))
+        self.power_av = weight("power_av", (k,))
+        self.power_atu = weight("power_atu", (k,))
         self.spec_lambda = weight("spec_lambda", (), keras.initializers.Constant(spec_lambda))
         self.sigma_sum = weight("sigma_sum", ())
         self.sigma_count = weight("sigma_count", ())
@@ -50,6 +58,37 @@ class CARState(keras.layers.Layer):
 
     def call(self, inputs):
         return inputs
+
+    def ema_matrix(self):
+        """The EMA confusion Cbar [K, K] as a dense tensor (rows predicted, columns true class)."""
+        decay = ops.cast(self.ema_decay, "float32")
+        return ops.transpose(decay[:, None] * self.ema_columns)
+
+    def ema_times(self, x):
+        """Cbar x [K] without forming Cbar: one pass over the stored columns."""
+        decay = ops.cast(self.ema_decay, "float32")
+        return ops.matmul((decay * x)[None, :], self.ema_columns)[0]
+
+    def ema_transpose_times(self, u):
+        """Cbar^T u [K] without forming Cbar: one pass over the stored columns."""
+        decay = ops.cast(self.ema_decay, "float32")
+        return decay * ops.matmul(self.ema_columns, u[:, None])[:, 0]
+
+    def update_ema(self, columns, ids, decay, weight, updating):
+        """Cbar <- decay * Cbar + weight * C_t, touching only the batch's columns (O(K * B)).
+
+        ``columns`` [B*m, K] are C_t's columns ``ids`` [B*m] (repeats add up), already divided by
+        the class mass; ``decay`` and ``weight`` come from confusion.ema_coefficients. With
+        ``updating`` 0 every stored value is written back unchanged.
+        """
+        present = ops.segment_sum(ops.ones_like(ids, "float32"), ids, self.num_classes) > 0
+        present = ops.logical_and(present, ops.cast(updating, "bool"))
+        decayed = decay * self.ema_decay
+        # Bring the batch's stored columns up to date, then add the batch; their d_j becomes 1.
+        factor = ops.cast(ops.where(ops.take(present, ids), ops.take(decayed, ids), 1.0), "float32")
+        _scatter(self.ema_columns, ids, factor[:, None] * ops.take(self.ema_columns, ids, axis=0))
+        _scatter(self.ema_columns, ids, ops.cast(weight, "float32") * columns, add=True)
+        self.ema_decay.assign(ops.where(present, 1.0, decayed))
 
     def reset_epoch_statistics(self):
         self.sigma_sum.assign(0.0)
@@ -110,6 +149,18 @@ class CARSequential(CarriesCARState, keras.Sequential):
 
 
 _CARRIERS = {Functional: CARFunctional, keras.Sequential: CARSequential}
+
+
+def _scatter(variable, ids, rows, add=False):
+    """In-place row update (or addition, repeats summed) of a TensorFlow-backed Keras variable.
+
+    keras.ops has only out-of-place scatters, which would copy the K x K EMA every step.
+    """
+    import tensorflow as tf
+
+    slices = tf.IndexedSlices(rows, ids, dense_shape=variable.shape)
+    target = variable.value
+    return target.scatter_add(slices) if add else target.scatter_update(slices)
 
 
 def attach_car_state(model, loss):
