@@ -11,7 +11,9 @@ class CARCallback(keras.callbacks.Callback):
     """Lifecycle of a CARLoss inside ``model.fit``.
 
     * ``set_model`` (before Keras traces the train step) attaches the loss's state to the model as
-      ``model.car_state``, so checkpoints, ModelCheckpoint and BackupAndRestore save the EMA.
+      ``model.car_state``, so checkpoints, ModelCheckpoint, BackupAndRestore and ``model.save``
+      (.keras) keep the EMA; a model that already carries one (restored from any of them, e.g.
+      by ``keras.models.load_model``) continues with it.
     * Each epoch adds ``car_spectral_norm`` (mean sigma_max over the epoch's steps) and
       ``car_penalty`` (lambda times it) to the logs History and TensorBoard see; place this callback
       before TensorBoard in the list, or give ``tensorboard_dir`` to write them here.

@@ -110,7 +110,7 @@ class CARState(keras.layers.Layer):
 
 
 class CarriesCARState:
-    """Model mixin: the config records ``car_state``, so ``load_model`` restores it with its weights.
+    """Model mixin: the config records ``car_state``, so ``load_model`` restores it and its weights.
 
     Keras loads a .keras file by rebuilding the model from its config and then loading the saved
     weights into what the rebuilt model holds; a state that is a plain attribute is not rebuilt, so

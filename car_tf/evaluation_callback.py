@@ -4,8 +4,11 @@ import json
 import pathlib
 
 import keras
+import numpy as np
+import tensorflow as tf
 
-from car_tf.metrics import per_class_report
+from car_tf import report as report_writers
+from car_tf.metrics import confusion_matrix, per_class_report
 from car_tf.predictors import KerasPredictor, predict_dataset
 
 # Report entries copied into Keras ``logs`` as "val_<name>" (None values, i.e. empty groups, are skipped).
@@ -21,6 +24,21 @@ LOGGED_METRICS = (
     "weighted_spectral_norm",
     "ece",
 )
+# Beyond this many classes the TensorBoard confusion image shows only the worst classes' rows.
+FULL_CONFUSION_MAX_CLASSES = 50
+WORST_CONFUSION_ROWS = 30
+# TensorBoard run (folder under log_dir/tb) and tags of the per-class images.
+TENSORBOARD_RUN = "per_class"
+CONFUSION_TAG = "confusion_matrix"
+ACCURACY_TAG = "accuracy_vs_train_count"
+
+
+def confusion_rows(report):
+    """True classes whose confusion rows the TensorBoard image shows: all up to 50 classes, else
+    the 30 of lowest recall, worst first."""
+    if report["num_classes"] <= FULL_CONFUSION_MAX_CLASSES:
+        return list(range(report["num_classes"]))
+    return [row["class_id"] for row in report_writers.worst_classes(report, WORST_CONFUSION_ROWS)]
 
 
 class PerClassEvaluation(keras.callbacks.Callback):
@@ -28,7 +46,11 @@ class PerClassEvaluation(keras.callbacks.Callback):
 
     Adds "val_top1", "val_many", "val_medium", "val_few", "val_worst_class_accuracy", ... to ``logs``
     (so History, TensorBoard and ModelCheckpoint see them) and, with ``log_dir``, writes the full
-    report to ``log_dir/metrics/epoch_NNN.json`` (NNN counts epochs from 1).
+    report to ``log_dir/metrics/epoch_NNN.json`` (NNN counts epochs from 1) and two TensorBoard
+    images per epoch to ``log_dir/tb/per_class`` (step = epoch from 0, as Keras's scalars):
+    "confusion_matrix", P(predicted | true) with one row per true class (beyond 50 classes the 30
+    of lowest recall, named), and "accuracy_vs_train_count", per-class recall against training
+    images.
 
     Args:
       dataset: finite tf.data.Dataset of (images, labels) in a fixed order.
@@ -46,6 +68,7 @@ class PerClassEvaluation(keras.callbacks.Callback):
         self.last_report = None
         self._predictor = None
         self._predictor_source = None
+        self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):
         if self._predictor_source is not self.model:
@@ -64,3 +87,27 @@ class PerClassEvaluation(keras.callbacks.Callback):
             training_logs = {k: float(v) for k, v in (logs or {}).items() if not k.startswith("val_")}
             record = {"epoch": epoch + 1, "train_logs": training_logs, **report}
             (metrics_dir / f"epoch_{epoch + 1:03d}.json").write_text(json.dumps(record, indent=2) + "\n")
+            confusion = confusion_matrix(np.argmax(scores, axis=-1), labels, len(self.train_counts))
+            self._write_images(epoch, report, confusion)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _write_images(self, epoch, report, confusion):
+        rows = confusion_rows(report)
+        title = "P(predicted | true)"
+        if len(rows) < report["num_classes"]:
+            title += f", the {len(rows)} classes of lowest recall"
+        names = [row["name"] for row in report["per_class"]]
+        images = {
+            CONFUSION_TAG: report_writers.confusion_figure(confusion, names, rows, title),
+            ACCURACY_TAG: report_writers.accuracy_vs_count_figure(report),
+        }
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir / "tb" / TENSORBOARD_RUN))
+        with self._writer.as_default():
+            for tag, figure in images.items():
+                tf.summary.image(tag, report_writers.figure_pixels(figure)[None], step=epoch)
+        self._writer.flush()

@@ -34,7 +34,7 @@ def write_per_class_csv(report, path):
             writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else row["accuracy"]})
 
 
-def plot_accuracy_vs_count(report, path, title="Per-class accuracy vs training images"):
+def accuracy_vs_count_figure(report, title="Per-class accuracy vs training images"):
     """Scatter of per-class accuracy against training count on a log x axis, one colour per group."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -55,29 +55,67 @@ def plot_accuracy_vs_count(report, path, title="Per-class accuracy vs training i
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_accuracy_vs_count(report, path, title="Per-class accuracy vs training images"):
+    """Writes ``accuracy_vs_count_figure`` as a PNG."""
+    _save(accuracy_vs_count_figure(report, title), path)
+
+
+def worst_classes(report, count):
+    """The ``count`` per-class rows of lowest accuracy (classes without test samples left out)."""
+    ranked = sorted(
+        (r for r in report["per_class"] if r["accuracy"] is not None), key=lambda r: r["accuracy"]
+    )
+    return ranked[:count]
+
+
+def confusion_figure(confusion, class_names, rows=None, title="P(predicted | true)"):
+    """Heatmap of the confusion normalised per true class: row j is P(predicted | true j).
+
+    ``confusion`` is the count matrix of car_tf.metrics (rows predicted, columns true); the figure
+    shows its transpose, one row per true class. ``rows``: the true classes to show, in order
+    (e.g. the worst ones); all by default. Class names label every axis of at most 30 classes.
+    """
+    plt = _pyplot()
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rates = (confusion / np.maximum(confusion.sum(axis=0), 1.0)[None, :]).T
+    rows = np.arange(len(class_names)) if rows is None else np.asarray(rows, dtype=np.int64)
+    rates = rates[rows]
+    num_columns = len(class_names)
+    width = min(4 + 0.25 * num_columns, 24)
+    height = min(3 + 0.25 * len(rows), 24)
+    fig, ax = plt.subplots(figsize=(width, height))
+    image = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    if num_columns <= 30:
+        ax.set_xticks(np.arange(num_columns), class_names, rotation=90)
+    if len(rows) <= 30:
+        ax.set_yticks(np.arange(len(rows)), [class_names[j] for j in rows])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
 
 
 def plot_confusion(confusion, class_names, path):
-    """Heatmap of the column-normalised confusion (rows predicted, columns true)."""
-    plt = _pyplot()
-    confusion = np.asarray(confusion, dtype=np.float64)
-    rates = confusion / np.maximum(confusion.sum(axis=0), 1.0)[None, :]
-    size = min(4 + 0.25 * len(class_names), 24)
-    fig, ax = plt.subplots(figsize=(size, size))
-    image = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0)
-    if len(class_names) <= 30:
-        ticks = np.arange(len(class_names))
-        ax.set_xticks(ticks, class_names, rotation=90)
-        ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("true class")
-    ax.set_ylabel("predicted class")
-    ax.set_title("P(predicted | true)")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Writes ``confusion_figure`` of all classes as a PNG."""
+    _save(confusion_figure(confusion, class_names), path)
+
+
+def figure_pixels(figure):
+    """The rendered figure as an RGB uint8 array [H, W, 3]; closes the figure."""
+    figure.canvas.draw()
+    pixels = np.array(figure.canvas.buffer_rgba())[..., :3]
+    _pyplot().close(figure)
+    return pixels
+
+
+def _save(figure, path):
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
 
 
 def plot_reliability(report, path):
@@ -98,8 +136,7 @@ def plot_reliability(report, path):
     ax.set_title(f"Reliability (ECE {report['ece']:.3f})")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _percent(value):
@@ -119,12 +156,10 @@ def format_table(report, worst=5):
         f"spectral norm {report['spectral_norm']:.4f}  weighted {report['weighted_spectral_norm']:.4f}"
         f"  ECE {report['ece']:.4f}",
     ]
-    ranked = sorted(
-        (r for r in report["per_class"] if r["accuracy"] is not None), key=lambda r: r["accuracy"]
-    )
+    ranked = worst_classes(report, worst)
     if ranked:
         lines.append("worst classes: " + ", ".join(
-            f"{r['name']} {_percent(r['accuracy']).strip()} (train {r['train_count']})" for r in ranked[:worst]
+            f"{r['name']} {_percent(r['accuracy']).strip()} (train {r['train_count']})" for r in ranked
         ))
     return "\n".join(lines)
 

@@ -265,6 +265,7 @@ def test_load_tfds_with_patched_loader(monkeypatch):
         return (images, np.array([1, 0])), types.SimpleNamespace(features={"label": label})
 
     monkeypatch.setattr(tfds, "load", fake_load)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir: types.SimpleNamespace(is_prepared=lambda: True))
     data = sources.load_tfds("fake", "train", data_dir="/somewhere")
     assert calls["name"] == "fake" and calls["split"] == "train" and calls["data_dir"] == "/somewhere"
     assert data.images.shape == (2, 4, 4, 3) and data.images.dtype == np.uint8
@@ -427,6 +428,8 @@ def test_auto_recipe_follows_the_image_size(tmp_path, caplog):
 
 def test_tfds_cifar10_reaches_the_download_and_offline_is_one_sentence(tmp_path, monkeypatch):
     # The real TFDS builder runs (imports, dataset info, preparation) up to its download call.
+    import socket
+
     import requests
     import tensorflow_datasets as tfds
 
@@ -437,9 +440,19 @@ def test_tfds_cifar10_reaches_the_download_and_offline_is_one_sentence(tmp_path,
         raise requests.exceptions.ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [("resolved", host)])
     with pytest.raises(OSError) as error:
         sources.load_tfds("cifar10", "train", data_dir=tmp_path / "tfds")
     assert asked and "cifar-10" in str(asked[0])
     message = str(error.value)
     assert message.startswith("cifar10 could not be downloaded by TensorFlow Datasets (Failed to resolve")
     assert "point --data_dir (or $CAR_TF_DATA_DIR) at a local copy" in message and "\n" not in message
+
+    def no_dns(host, port):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # found before any download is tried
+    asked.clear()
+    with pytest.raises(OSError, match=r"cifar10 could not be downloaded .*Name or service not known"):
+        sources.load_tfds("cifar10", "train", data_dir=tmp_path / "tfds")
+    assert not asked

