@@ -91,8 +91,11 @@ def resnet_model():
 
 @pytest.mark.parametrize(
     "build, input_shape",
-    [(functional_model, (5,)), (sequential_model, (5,)), (resnet_model, (16, 16, 3))],
-    ids=["functional", "sequential", "create_model"],
+    [
+        pytest.param(functional_model, (5,), id="functional"),
+        pytest.param(sequential_model, (5,), id="sequential"),
+        pytest.param(resnet_model, (16, 16, 3), id="create_model", marks=pytest.mark.slow),
+    ],
 )
 def test_car_state_survives_keras_file_and_training_continues_from_it(tmp_path, build, input_shape):
     keras.utils.set_random_seed(0)
