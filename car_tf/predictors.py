@@ -145,7 +145,13 @@ class OnnxPredictor:
     def __init__(self, path, class_names=None):
         import onnxruntime
 
-        self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own types (InvalidProtobuf, Fail, ...)
+            raise ModelNotFoundError(
+                f"{path} is not a valid ONNX model ({type(error).__name__}); export it again with "
+                "python -m export --format=onnx."
+            ) from error
         model_input = self._session.get_inputs()[0]
         self._input_name = model_input.name
         height, width = model_input.shape[1:3]

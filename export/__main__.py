@@ -8,7 +8,6 @@ export.json with the measured differences.
 
 import json
 import pathlib
-import sys
 
 import numpy as np
 
@@ -65,16 +64,11 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
 def main(argv):
     from absl import flags
 
-    from export.parity import ExportParityError
-
     del argv
     FLAGS = flags.FLAGS
 
-    try:
-        summary = export_run(FLAGS.model_dir, FLAGS.format, FLAGS.output_dir, FLAGS.opset,
-                             FLAGS.parity_images, FLAGS.recipe, FLAGS.top_k, FLAGS.atol)
-    except (ValueError, ExportParityError) as error:
-        sys.exit(f"export failed: {error}")
+    summary = export_run(FLAGS.model_dir, FLAGS.format, FLAGS.output_dir, FLAGS.opset,
+                         FLAGS.parity_images, FLAGS.recipe, FLAGS.top_k, FLAGS.atol)
     for name in ("saved_model", "onnx"):
         if name in summary:
             entry = summary[name]
@@ -102,7 +96,8 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from car_tf import cli
+    from export.parity import ExportParityError
 
     define_flags()
-    app.run(main)
+    cli.run(main, "export", extra_errors=(ExportParityError,))

@@ -4,6 +4,9 @@
 
 Never imports TensorFlow, so it runs where only onnxruntime is installed. The image size, class
 names and evaluation recipe come from the file's metadata (written by ``python -m export``).
+Images are prepared exactly as ``car_tf.evaluate`` prepares them: the same decoding (libjpeg
+through PIL) and the same bilinear resizing as ``tf.image.resize``, re-implemented in NumPy.
+Unreadable files are named, one line each, and the readable ones are still classified.
 """
 
 import json
@@ -11,40 +14,88 @@ import pathlib
 import sys
 
 import numpy as np
-import onnxruntime
-from PIL import Image
-
 
 # car_tf.data.augment.EVAL_CROP_FRACTION, repeated here so that TensorFlow is never imported.
 IMAGENET_CROP_FRACTION = 0.875
 
 
-def load_image(path, image_size, recipe="cifar"):
-    """RGB file -> float32 [S, S, 3] in [0, 255] as car_tf's evaluation pipeline prepares it.
+def _bilinear_weights(in_size, out_size):
+    """[out, in] float32 weights of tf.image.resize(method="bilinear", antialias=False)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    centres = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(centres)
+    lerp = centres - floor
+    lower = np.maximum(floor, 0).astype(np.int64)
+    upper = np.minimum(np.ceil(centres), in_size - 1).astype(np.int64)
+    weights = np.zeros((out_size, in_size), np.float32)
+    rows = np.arange(out_size)
+    np.add.at(weights, (rows, lower), np.float32(1) - lerp)
+    np.add.at(weights, (rows, upper), lerp)
+    return weights
 
-    "cifar": bilinear resize to S x S. "imagenet": shorter side to round(S / 0.875), central crop.
+
+def _antialiased_weights(in_size, out_size):
+    """[out, in] float32 weights of tf.image.resize(method="bilinear", antialias=True).
+
+    TensorFlow's scale_and_translate with a triangle kernel widened by the downscaling factor,
+    each row normalised to sum to one.
     """
-    image = Image.open(path).convert("RGB")
-    width, height = image.size
+    scale = np.float32(out_size) / np.float32(in_size)
+    kernel_scale = max(np.float32(1) / scale, np.float32(1))
+    samples = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) / scale
+    sources = np.arange(in_size, dtype=np.float32) + np.float32(0.5)
+    distance = (sources[None, :] - samples[:, None]) / kernel_scale
+    weights = np.maximum(np.float32(0), np.float32(1) - np.abs(distance)).astype(np.float32)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize(image, height, width, antialias=False):
+    """float32 [H, W, 3] -> [height, width, 3], as tf.image.resize(..., "bilinear", antialias)."""
+    weights = _antialiased_weights if antialias else _bilinear_weights
+    rows = weights(image.shape[0], height)
+    columns = weights(image.shape[1], width)
+    across = np.einsum("ow,hwc->hoc", columns, image)  # width first, then height, as TensorFlow
+    return np.einsum("ph,hoc->poc", rows, across).astype(np.float32)
+
+
+def load_image(path, image_size, recipe="cifar"):
+    """Image file -> float32 [S, S, 3] in [0, 255], as car_tf.data.pipelines.eval_dataset makes it.
+
+    "cifar": bilinear resize to S x S (none when already that size). "imagenet": shorter side to
+    round(S / 0.875) with antialiasing, central S x S crop. Raises OSError for an unreadable file.
+    """
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        image = np.asarray(opened.convert("RGB"), dtype=np.float32)
+    height, width = image.shape[:2]
     if recipe == "cifar":
-        new_width = new_height = image_size
-    else:
-        scale = round(image_size / IMAGENET_CROP_FRACTION) / min(width, height)
-        new_width, new_height = round(width * scale), round(height * scale)
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.BILINEAR)
-    left, top = (new_width - image_size) // 2, (new_height - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image, dtype=np.float32)
+        if (height, width) == (image_size, image_size):
+            return image
+        return resize(image, image_size, image_size)
+    shape = np.array([height, width], np.float32)
+    short_side = np.round(np.float32(image_size) / np.float32(IMAGENET_CROP_FRACTION))
+    new_height, new_width = np.round(shape * short_side / shape.min()).astype(int)
+    resized = resize(image, new_height, new_width, antialias=True)
+    top, left = (new_height - image_size) // 2, (new_width - image_size) // 2
+    return resized[top : top + image_size, left : left + image_size]
 
 
 class OnnxClassifier:
     """An onnxruntime session plus the preprocessing and class names stored in the file."""
 
     def __init__(self, model_path):
+        import onnxruntime
+
         if not pathlib.Path(model_path).is_file():
             raise ValueError(f"ONNX file {model_path} does not exist; export one with python -m export.")
-        self.session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise ValueError(
+                f"{model_path} is not a valid ONNX model ({type(error).__name__}); export it again with "
+                "python -m export --format=onnx."
+            ) from error
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         metadata = self.session.get_modelmeta().custom_metadata_map
@@ -56,7 +107,7 @@ class OnnxClassifier:
         ]
 
     def probabilities(self, image_paths):
-        """Softmax probabilities [N, K] for the image files."""
+        """Softmax probabilities [N, K] for the image files (all must be readable)."""
         batch = np.stack([load_image(p, self.image_size, self.recipe) for p in image_paths])
         logits = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
         exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -69,19 +120,39 @@ class OnnxClassifier:
         return [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
 
 
+def unreadable_reason(path):
+    """None if PIL can decode the image file, else why not, in a few words."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")  # decodes every pixel: a truncated file fails here
+    except FileNotFoundError:
+        return "does not exist"
+    except UnidentifiedImageError:
+        return "is not an image file"
+    except OSError as error:
+        return f"cannot be decoded ({error})"
+    return None
+
+
 def main(argv):
     from absl import flags
 
     images = argv[1:]
     if not images:
-        sys.exit("pass one or more image files after the flags.")
-    try:
-        classifier = OnnxClassifier(flags.FLAGS.model)
-        results = classifier.classify(images, flags.FLAGS.top_k)
-    except (ValueError, OSError) as error:
-        sys.exit(f"serve_onnx failed: {error}")
-    for path, result in zip(images, results):
-        print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in result))
+        raise ValueError("no image files given; pass one or more image files after the flags.")
+    classifier = OnnxClassifier(flags.FLAGS.model)
+    problems = {path: unreadable_reason(path) for path in images}
+    readable = [path for path in images if problems[path] is None]
+    results = dict(zip(readable, classifier.classify(readable, flags.FLAGS.top_k) if readable else []))
+    for path in images:
+        if problems[path]:
+            print(f"serve_onnx: {path} {problems[path]}; replace the file or leave it out.", file=sys.stderr)
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in results[path]))
+    if len(readable) < len(images):
+        sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -89,4 +160,16 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("model", None, "Path to model.onnx written by python -m export.", required=True)
     flags.DEFINE_integer("top_k", 5, "Classes to print per image.")
-    app.run(main)
+    flags.DEFINE_bool("debug", False, "On an error, show the full stack trace instead of one sentence.")
+
+    def guarded(argv):
+        # The same boundary as car_tf.cli.run, kept here because importing car_tf loads TensorFlow.
+        try:
+            main(argv)
+        except (ValueError, OSError) as error:
+            if flags.FLAGS.debug:
+                raise
+            print(f"serve_onnx: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded)

@@ -194,4 +194,88 @@ def test_export_cli_writes_onnx(run_dir, tmp_path):
     assert (tmp_path / "model.onnx").is_file() and "max |diff| vs Keras" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "export", f"--model_dir={tmp_path}", "--format=onnx"],
                          cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "run.json does not exist" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"export: {tmp_path / 'run.json'} does not exist; pass a run directory written by car_tf.train.")
+
+
+# --- serve_onnx: the same pixels and probabilities as car_tf.evaluate, bad inputs named ---------
+
+
+def _image_files(folder):
+    """A JPEG 37x50, a grayscale JPEG 300x451, an RGBA PNG 20x28 and a PNG already 32x32."""
+    rng = np.random.default_rng(3)
+    smooth = lambda shape: (np.cumsum(rng.normal(0, 25, shape), axis=1) % 256).astype(np.uint8)
+    files = {"small.jpg": smooth((37, 50, 3)), "gray.jpg": smooth((300, 451)),
+             "rgba.png": smooth((20, 28, 4)), "exact.png": smooth((32, 32, 3))}
+    for name, pixels in files.items():
+        Image.fromarray(pixels).save(folder / name)
+    return [str(folder / name) for name in files]
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_numpy_resize_is_tensorflows(antialias):
+    from export.serve_onnx import resize
+
+    image = np.random.default_rng(0).uniform(0, 255, (37, 50, 3)).astype(np.float32)
+    for height, width in ((32, 32), (16, 71), (37, 50), (100, 9)):
+        expected = tf.image.resize(image, [height, width], method="bilinear", antialias=antialias).numpy()
+        np.testing.assert_allclose(resize(image, height, width, antialias), expected, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    """The untrained tiny CNN as ONNX, once with each evaluation recipe in its metadata."""
+    keras.utils.set_random_seed(2)
+    model = _tiny_model()
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {recipe: convert_to_onnx(model, folder / f"{recipe}.onnx", 32, class_names=CLASSES, recipe=recipe)
+             for recipe in ("cifar", "imagenet")}
+    return model, paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["cifar", "imagenet"])
+def test_serve_onnx_gives_evaluates_probabilities(onnx_files, recipe, tmp_path):
+    from car_tf.data.pipelines import eval_dataset
+    from car_tf.data.sources import LabeledData
+    from export.serve_onnx import OnnxClassifier
+
+    model, paths = onnx_files
+    files = _image_files(tmp_path)
+    served = OnnxClassifier(paths[recipe]).probabilities(files)
+    # What car_tf.evaluate does with the same files: its pipeline, then the model.
+    data = LabeledData(labels=np.zeros(len(files)), class_names=["x"], paths=files)
+    (images, _), = eval_dataset(data, recipe=recipe, image_size=32, batch_size=len(files))
+    for predict in (OnnxPredictor(paths[recipe]).predict, lambda x: model(x, training=False)):
+        expected = tf.nn.softmax(np.asarray(predict(images.numpy()), np.float64)).numpy()
+        np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_serve_onnx_names_unreadable_images_and_classifies_the_rest(onnx_files, tmp_path):
+    _, paths = onnx_files
+    good = _image_files(tmp_path)[0]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((tmp_path / "gray.jpg").read_bytes()[:400])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    command = [sys.executable, "-m", "export.serve_onnx", f"--model={paths['cifar']}", "--top_k=2"]
+    out = subprocess.run(command + [str(truncated), good, str(text), str(tmp_path / "gone.png")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stdout.startswith(f"{good}: ") and len(out.stdout.splitlines()) == 1
+    problems = out.stderr.strip().splitlines()
+    assert problems[0].startswith(f"serve_onnx: {truncated} cannot be decoded (")
+    assert problems[1:] == [f"serve_onnx: {text} is not an image file; replace the file or leave it out.",
+                            f"serve_onnx: {tmp_path / 'gone.png'} does not exist; replace the file or leave it out."]
+    invalid = tmp_path / "model.onnx"
+    invalid.write_bytes(b"not a model")
+    out = subprocess.run([sys.executable, "-m", "export.serve_onnx", f"--model={invalid}", good],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"serve_onnx: {invalid} is not a valid ONNX model (InvalidProtobuf); export it again with "
+        "python -m export --format=onnx.")
+    debug = subprocess.run([sys.executable, "-m", "export.serve_onnx", f"--model={invalid}", "--debug", good],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -1,0 +1,78 @@
+"""The command-line boundary: a user-caused error becomes one sentence on stderr, exit code 2.
+
+Every ``python -m car_tf.*`` and ``python -m export`` command runs its absl main through ``run``;
+``--debug`` shows the full stack trace instead (README, "When something goes wrong").
+"""
+
+import re
+import sys
+
+from absl import app, flags
+
+# Errors that bad input causes: paths, files, flag values, data, a diverging loss.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+_IMAGE_ASSERT = re.compile(r"Could not read or decode image file\]?\s*\[?([^\]\n]+?)\]?\s*\[?- fix")
+
+
+def define_debug_flag(flag_values=flags.FLAGS):
+    if "debug" not in flag_values:
+        flags.DEFINE_bool(
+            "debug", False, "On an error, show the full stack trace instead of one sentence.",
+            flag_values=flag_values,
+        )
+
+
+def _first_line(text, limit=300):
+    line = next((l.strip() for l in str(text).splitlines() if l.strip()), "")
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def _tensorflow_errors():
+    tf = sys.modules.get("tensorflow")  # only translate TensorFlow's errors where it is loaded
+    return tf.errors if tf is not None else None
+
+
+def is_user_error(error, extra=()):
+    errors = _tensorflow_errors()
+    op_error = (errors.OpError,) if errors is not None else ()
+    return isinstance(error, USER_ERRORS + op_error + tuple(extra))
+
+
+def sentence(error):
+    """One sentence saying what went wrong and what to do, from an exception."""
+    errors = _tensorflow_errors()
+    if errors is not None and isinstance(error, errors.OpError):
+        message = error.message or str(error)
+        image = _IMAGE_ASSERT.search(message)
+        if image:
+            return (
+                f"image file {image.group(1).strip()} cannot be read or decoded; replace or delete "
+                "it, or pass --skip_corrupt to leave unreadable images out."
+            )
+        if isinstance(error, errors.ResourceExhaustedError):
+            return f"out of memory ({_first_line(message)}); lower --batch_size or --image_size."
+        if isinstance(error, errors.NotFoundError):
+            return f"{_first_line(message)}; check the path."
+        return (
+            f"TensorFlow stopped with {type(error).__name__}: {_first_line(message)}; "
+            "rerun with --debug for the full trace."
+        )
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}; check the path and its permissions."
+    return _first_line(error) or type(error).__name__
+
+
+def run(main, program, extra_errors=()):
+    """``absl.app.run(main)``, with user errors (and ``extra_errors``) as one sentence on stderr."""
+    define_debug_flag()
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except Exception as error:
+            if flags.FLAGS.debug or not is_user_error(error, extra_errors):
+                raise
+            print(f"{program}: {sentence(error)}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded)
