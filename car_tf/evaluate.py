@@ -11,12 +11,11 @@ train vs test gap to report.json.
 
 import json
 import pathlib
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from car_tf.metrics import confusion_matrix, per_class_report
-from car_tf.predictors import ModelNotFoundError, find_run_info, load_predictor, predict_dataset
+from car_tf.predictors import find_run_info, load_predictor, predict_dataset
 from car_tf.report import format_table, write_report
 
 HEADLINE = ("top1", "top5", "many", "medium", "few", "worst_class_accuracy", "worst_class", "worst_10pct_mean")
@@ -54,8 +53,11 @@ def evaluate_split(predictor, dataset, train_counts, class_names, progress=False
 
 
 def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, train_dataset=None,
-             progress=False):
-    """Evaluates the test split (and the train split if given), writes every output; returns report.json's dict."""
+             progress=False, skipped_test=()):
+    """Evaluates the test split (and the train split if given), writes every output; returns report.json's dict.
+
+    skipped_test: unreadable test files left out of ``test_dataset``, listed in report.json.
+    """
     if predictor.num_classes != len(class_names):
         raise ValueError(
             f"the model has {predictor.num_classes} classes but the data has {len(class_names)}; "
@@ -80,6 +82,8 @@ def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, tra
     decoupled = decoupled_report(predictor, test_dataset, train_counts)
     if decoupled is not None:
         report["decoupled"] = decoupled
+    if skipped_test:
+        report["skipped_test_images"] = list(skipped_test)
     write_report(report, output_dir, confusion)
     return report
 
@@ -111,34 +115,34 @@ def main(argv):
     from car_tf.data.pipelines import eval_dataset
 
     FLAGS = flags.FLAGS
-    try:
-        predictor = load_predictor(FLAGS.model)
-        if not FLAGS["image_size"].present and predictor.image_size is not None:
-            FLAGS.image_size = int(predictor.image_size[0])
-        train, test, recipe, image_size = data_flags.datasets_from_flags(FLAGS)
-        if FLAGS.train_counts:
-            train_counts = parse_train_counts(FLAGS.train_counts)
-        else:
-            run_info = find_run_info(FLAGS.model) or {}
-            train_counts = run_info.get("train_counts") or [int(c) for c in train.counts()]
-        if predictor.class_names and list(predictor.class_names) != list(test.class_names):
-            logging.warning("The model's class names differ from the data's; the data's names are used.")
+    predictor = load_predictor(FLAGS.model)
+    run_info = find_run_info(FLAGS.model) or {}
+    if not FLAGS["image_size"].present and predictor.image_size is not None:
+        FLAGS.image_size = int(predictor.image_size[0])
+    if FLAGS.data_recipe == "auto" and run_info.get("recipe"):
+        FLAGS.data_recipe = run_info["recipe"]  # evaluate as the model was trained
+    train, test, recipe, image_size = data_flags.datasets_from_flags(FLAGS)
+    if FLAGS.train_counts:
+        train_counts = parse_train_counts(FLAGS.train_counts)
+    else:
+        train_counts = run_info.get("train_counts") or [int(c) for c in train.counts()]
+    if predictor.class_names and list(predictor.class_names) != list(test.class_names):
+        logging.warning("The model's class names differ from the data's; the data's names are used.")
 
-        def dataset(data):
-            return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
+    def dataset(data):
+        return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
 
-        output_dir = pathlib.Path(FLAGS.output_dir or default_output_dir(FLAGS.model))
-        report = evaluate(
-            predictor,
-            dataset(test),
-            train_counts,
-            test.class_names,
-            output_dir,
-            train_dataset=dataset(train) if FLAGS.on_train else None,
-            progress=True,
-        )
-    except (ValueError, ModelNotFoundError) as error:
-        sys.exit(f"evaluation failed: {error}")
+    output_dir = pathlib.Path(FLAGS.output_dir or default_output_dir(FLAGS.model))
+    report = evaluate(
+        predictor,
+        dataset(test),
+        train_counts,
+        test.class_names,
+        output_dir,
+        train_dataset=dataset(train) if FLAGS.on_train else None,
+        progress=True,
+        skipped_test=test.skipped,
+    )
     print(format_table(report))
     if "train" in report:
         print(f"train worst-class {100 * report['train']['worst_class_accuracy']:.2f}  "
@@ -161,5 +165,7 @@ def define_flags():
 
 
 if __name__ == "__main__":
+    from car_tf import cli
+
     define_flags()
-    app.run(main)
+    cli.run(main, "car_tf.evaluate")

@@ -15,9 +15,9 @@ import time
 
 import keras
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
-from car_tf import checkpointing, distribute, schedules
+from car_tf import checkpointing, cli, distribute, schedules
 from car_tf.car_callback import CARCallback
 from car_tf.car_state import attach_car_state
 from car_tf.data import pipelines
@@ -45,7 +45,7 @@ flags.DEFINE_enum("strategy", "auto", distribute.STRATEGIES, "Distribution strat
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (can help on GPUs; slow to compile).")
 flags.DEFINE_bool("eval_on_train", False, "Also report per-class accuracy on the training set at the end.")
-flags.DEFINE_bool("verbose", True, "Print a line of metrics per epoch.")
+flags.DEFINE_bool("verbose", True, "Print metrics: a progress bar within each epoch on a terminal, one line per epoch in logs and pipes.")
 flags.DEFINE_bool("randaugment", False, "Add RandAugment (2 ops, magnitude 10) to the training stream.")
 # Model.
 flags.DEFINE_string("model", "resnet32", "Backbone name (car_tf.models.list_models()).")
@@ -311,15 +311,19 @@ def train_and_evaluate(config):
             steps_per_epoch=steps,
             callbacks=callbacks,
             shuffle=False,  # the stream is already shuffled, deterministically per epoch
-            verbose=2 if config.verbose else 0,
+            verbose=(1 if sys.stdout.isatty() else 2) if config.verbose else 0,  # bar on a terminal
         )
     logging.info("Training took %.1f s.", time.time() - start)
     # The last epoch's evaluation already scored the final weights; a resumed, finished run has none.
-    return finish(config, classifier, train, test_ds, recipe, image_size, write_dir, evaluation.last_report)
+    return finish(config, classifier, train, test_ds, recipe, image_size, write_dir, evaluation.last_report,
+                  skipped_test=test.skipped)
 
 
-def finish(config, classifier, train, test_ds, recipe, image_size, write_dir, report=None):
-    """Saves the plain classifier and writes the final per-class report (computed if not given)."""
+def finish(config, classifier, train, test_ds, recipe, image_size, write_dir, report=None, skipped_test=()):
+    """Saves the plain classifier and writes the final per-class report (computed if not given).
+
+    skipped_test: the unreadable test files --skip_corrupt left out, listed in report.json.
+    """
     serving = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)
     serving.save(str(write_dir / "model.keras"))
     counts = train.counts()
@@ -333,6 +337,8 @@ def finish(config, classifier, train, test_ds, recipe, image_size, write_dir, re
         train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train.class_names)
         report["train"] = {k: train_report[k] for k in ("top1", "worst_class_accuracy", "many", "medium", "few")}
         report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
+    if skipped_test:
+        report["skipped_test_images"] = list(skipped_test)
     write_report(report, write_dir)
     print(format_table(report))
     return report
@@ -363,12 +369,8 @@ def concutmix_stream(config, train, stream):
 
 def main(argv):
     del argv
-    try:
-        train_and_evaluate(FLAGS)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        print(f"car_tf.train: {error}", file=sys.stderr)
-        sys.exit(2)
+    train_and_evaluate(FLAGS)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "car_tf.train")

@@ -10,8 +10,9 @@ car_tf/dlsa/run.py) that ``python -m car_tf.evaluate --model=OUTPUT_DIR`` reads 
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from car_tf import cli
 from car_tf.data.flags import datasets_from_flags, define_data_flags
 from car_tf.data.pipelines import eval_dataset
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig
@@ -139,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "car_tf.dlsa")
