@@ -1,67 +1,119 @@
 """Epoch-end checkpoints of a run directory, and resuming from them.
 
-``checkpoints/last.weights.h5`` holds everything Keras saves for the model: its weights, the
-optimizer's state and any state attached to it (CAR's EMA and power-iteration vector).
-``checkpoints/last.json`` records how many epochs it has seen. Both are written to temporary
-names and renamed, so a run killed while saving keeps its previous checkpoint. Since the data
-stream of epoch e depends only on (seed, e), a resumed run ends with the same weights as an
-uninterrupted one.
+A checkpoint is one file, ``checkpoints/epoch_NNNN.weights.h5``: everything Keras saves for the
+model (its weights, the optimizer's state and any state attached to it, such as CAR's EMA) after
+NNNN epochs. It is written under a temporary name and renamed, so the epoch count (the name) and
+the weights (the content) appear together or not at all, whatever instant the process dies. The
+previous checkpoint is deleted only once the new one is in place; a damaged latest checkpoint
+falls back to the one before it. Since the data stream of epoch e depends only on (seed, e), a
+resumed run ends with the same weights as an uninterrupted one.
 """
 
-import json
 import os
 import pathlib
+import re
 
 import keras
+from absl import logging
 
-WEIGHTS = "last.weights.h5"
-STATE = "last.json"
+PREFIX, SUFFIX = "epoch_", ".weights.h5"
+TMP_PREFIX = "tmp-"
+KEEP = 2  # the newest checkpoint and the one before it, the fallback if the newest is damaged
+_NAME = re.compile(rf"^{PREFIX}(\d+){re.escape(SUFFIX)}$")
 
 
-def _replace_atomically(write, path):
-    tmp = path.with_name("tmp-" + path.name)
-    write(tmp)
-    os.replace(tmp, path)
+class DamagedCheckpoints(ValueError):
+    """Every checkpoint of a run directory is unreadable."""
+
+
+def checkpoint_path(directory, epochs_done):
+    return pathlib.Path(directory) / f"{PREFIX}{epochs_done:04d}{SUFFIX}"
+
+
+def checkpoints(directory):
+    """[(epochs done, path)] of the complete checkpoints in ``directory``, newest first."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    found = ((_NAME.match(p.name), p) for p in directory.iterdir())
+    return sorted(((int(m.group(1)), p) for m, p in found if m), reverse=True)
+
+
+def latest_epoch(directory):
+    """Epochs done by the newest checkpoint in ``directory`` (0 without one); reads no weights."""
+    found = checkpoints(directory)
+    return found[0][0] if found else 0
+
+
+def save(model, directory, epochs_done):
+    """Writes the checkpoint after ``epochs_done`` epochs, then deletes all but the newest KEEP."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, epochs_done)
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    model.save_weights(str(tmp))
+    os.replace(tmp, final)  # the commit point
+    for _, old in checkpoints(directory)[KEEP:]:
+        old.unlink()
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves the model (with optimizer and attached state) at the end of every epoch.
 
     Args:
-        directory: the run's checkpoints/ folder.
-        write: False on the non-chief workers of a multi-worker run, which save to a scratch
-            folder (every worker must take part in saving distributed variables).
+        directory: the run's checkpoints/ folder (a worker's own folder on the non-chief workers
+            of a multi-worker run: every worker must take part in saving distributed variables).
     """
 
-    def __init__(self, directory, write=True):
+    def __init__(self, directory):
         super().__init__()
         self.directory = pathlib.Path(directory)
-        self.write = write
 
     def on_epoch_end(self, epoch, logs=None):
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _replace_atomically(lambda p: self.model.save_weights(str(p)), self.directory / WEIGHTS)
-        if self.write:
-            state = {"epochs_done": epoch + 1}
-            _replace_atomically(
-                lambda p: p.write_text(json.dumps(state)), self.directory / STATE
-            )
+        save(self.model, self.directory, epoch + 1)
 
 
 def restore(model, directory):
-    """Loads the last checkpoint into ``model`` (built, optimizer built) and returns the epochs done.
+    """Loads the newest readable checkpoint into ``model`` (built, optimizer built); returns its epochs.
 
-    Returns 0 when ``directory`` holds no checkpoint.
+    Returns 0 when ``directory`` holds no checkpoint. A checkpoint that cannot be read (a
+    truncated or empty file) is skipped with a warning in favour of the one before it; a
+    checkpoint that is readable but does not fit the model is refused in one sentence.
     """
     directory = pathlib.Path(directory)
-    if not (directory / STATE).exists():
-        return 0
-    epochs_done = json.loads((directory / STATE).read_text())["epochs_done"]
+    found = checkpoints(directory)
+    damaged = []
+    for epochs_done, path in found:
+        error = _unreadable(path)
+        if error:
+            damaged.append(path.name)
+            logging.warning("Checkpoint %s cannot be read (%s); trying the one before it.", path, error)
+            continue
+        try:
+            model.load_weights(str(path))
+        except ValueError:
+            raise ValueError(
+                f"the checkpoint {path} does not fit this model (another architecture, class count "
+                "or method); resume with the flags the run was started with, or use a new --model_dir."
+            ) from None
+        for stale in directory.glob(TMP_PREFIX + "*"):
+            stale.unlink()  # left by a run killed while saving
+        return epochs_done
+    if damaged:
+        raise DamagedCheckpoints(
+            f"every checkpoint in {directory} is damaged ({', '.join(damaged)}); delete them to "
+            "train the run again from the start, or add --overwrite to start over."
+        )
+    return 0
+
+
+def _unreadable(path):
+    """Why the HDF5 file at ``path`` cannot be opened, or None where it can."""
+    import h5py
+
     try:
-        model.load_weights(str(directory / WEIGHTS))
-    except ValueError as error:
-        raise ValueError(
-            f"the checkpoint in {directory} does not fit this model ({error}); resume with the "
-            "flags the run was started with, or use a new --model_dir."
-        ) from None
-    return epochs_done
+        with h5py.File(path, "r") as f:
+            f.keys()
+    except OSError as error:
+        return str(error).split(";")[0] or type(error).__name__
+    return None

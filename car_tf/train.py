@@ -14,10 +14,11 @@ import sys
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from car_tf import checkpointing, cli, distribute, schedules
+from car_tf import checkpointing, cli, distribute, run_directory, schedules
 from car_tf.car_callback import CARCallback
 from car_tf.car_state import attach_car_state
 from car_tf.data import pipelines
@@ -25,7 +26,7 @@ from car_tf.data.flags import datasets_from_flags, define_data_flags
 from car_tf.evaluate import decoupled_report
 from car_tf.evaluation_callback import PerClassEvaluation
 from car_tf.losses.car_loss import CARLoss
-from car_tf.losses.registry import BASE_LOSSES, callbacks_for_loss, get_base_loss
+from car_tf.losses.registry import BASE_LOSSES, callbacks_for_loss, drw_start_epoch, get_base_loss
 from car_tf.metrics import per_class_report
 from car_tf.models import create_model
 from car_tf.predictors import KerasPredictor, predict_dataset
@@ -33,9 +34,11 @@ from car_tf.report import format_table, write_report
 
 METHODS = ("car", "concutmix", *BASE_LOSSES)
 
+_FLAGS_BEFORE = set(flags.FLAGS)
 define_data_flags()
 # Run.
 flags.DEFINE_string("model_dir", None, "Run directory: flags, checkpoints, logs, final model and report.")
+flags.DEFINE_bool("overwrite", False, "Delete an existing run in --model_dir and start over.")
 flags.DEFINE_enum("method", "ce", METHODS, "Training method: a base loss, car (CARLoss on --base_loss) or concutmix.")
 flags.DEFINE_enum("base_loss", "ce", BASE_LOSSES, "Base loss under CAR (--method=car).")
 flags.DEFINE_bool("concutmix", False, "Train with the ConCutMix stage (implied by --method=concutmix).")
@@ -97,6 +100,11 @@ flags.DEFINE_integer("ccm_projection_dim", 128, "Projection-head output size.")
 flags.DEFINE_float("ccm_cutmix_prob", 0.5, "Probability that a batch is mixed.")
 
 FLAGS = flags.FLAGS
+_data_flags = flags.FlagValues()
+define_data_flags(_data_flags)
+# The flags that make up a run's record: this command's own and the data flags.
+RUN_FLAGS = frozenset(set(FLAGS) - _FLAGS_BEFORE | set(_data_flags)) - run_directory.UNRECORDED_FLAGS
+del _FLAGS_BEFORE, _data_flags
 
 
 def base_loss_options(name, config):
@@ -137,15 +145,20 @@ def uses_base(config, name):
     return config.method == name or (config.method == "car" and config.base_loss == name)
 
 
-def build_optimizer(config, steps_per_epoch):
-    schedule = schedules.WarmupSchedule(
+def build_schedule(config, steps_per_epoch, epochs):
+    """The learning rate of each step of a run of ``epochs`` epochs."""
+    return schedules.WarmupSchedule(
         config.lr,
-        total_steps=config.epochs * steps_per_epoch,
+        total_steps=epochs * steps_per_epoch,
         warmup_steps=config.warmup_epochs * steps_per_epoch,
         kind=config.lr_schedule,
         decay_steps=[int(e) * steps_per_epoch for e in config.lr_decay_epochs],
         decay_factor=config.lr_decay_factor,
     )
+
+
+def build_optimizer(config, steps_per_epoch):
+    schedule = build_schedule(config, steps_per_epoch, config.epochs)
     if config.optimizer == "adamw":
         return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     return keras.optimizers.SGD(
@@ -215,9 +228,13 @@ class NaNGuard(keras.callbacks.Callback):
             )
 
 
-def write_run_files(run_dir, config, train, recipe, image_size):
+def run_flag_values(config):
+    """{name: "--name=value"} of the flags in RUN_FLAGS: the run's record."""
+    return {name: config[name].serialize() for name in RUN_FLAGS if config[name].serialize()}
+
+
+def write_run_files(run_dir, config, train, recipe, image_size, extended_from=()):
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "flags.txt").write_text(config.flags_into_string())
     info = {
         "model": config.model,
         "num_classes": train.num_classes,
@@ -229,29 +246,108 @@ def write_run_files(run_dir, config, train, recipe, image_size):
         "method": config.method,
         "base_loss": config.base_loss,
         "concutmix": config.concutmix or config.method == "concutmix",
+        "epochs": config.epochs,
+        "epochs_extended_from": list(extended_from),
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    run_directory.write_atomically(run_dir / run_directory.RUN_FILE, json.dumps(info, indent=1))
+    # Written last: a directory with flags.txt holds a complete record.
+    text = run_directory.flagfile_text(run_flag_values(config))
+    run_directory.write_atomically(run_dir / run_directory.FLAGS_FILE, text)
+
+
+def done_epochs_unchanged(config, stored_epochs, steps, epochs_done):
+    """True when epochs 0 .. epochs_done - 1 see the same schedule in a run of config.epochs epochs.
+
+    The learning rate of every step already taken, and LDAM-DRW's re-weighting, must not depend on
+    the run's length: true of step and constant schedules, not of a cosine one.
+    """
+    taken = np.arange(epochs_done * steps)
+    old = np.asarray(build_schedule(config, steps, stored_epochs)(taken))
+    new = np.asarray(build_schedule(config, steps, config.epochs)(taken))
+    if not np.array_equal(old, new):
+        return False
+    if uses_base(config, "ldam_drw"):
+        return min(drw_start_epoch(stored_epochs), epochs_done) == min(drw_start_epoch(config.epochs), epochs_done)
+    return True
+
+
+def check_extension(config, run_dir, stored, steps, epochs_done):
+    """Refuses a larger --epochs that would change the epochs already trained; returns the stored epochs."""
+    stored_epochs = int(stored["epochs"].split("=", 1)[1])
+    current = run_flag_values(config)
+    if config.epochs < max(stored_epochs, epochs_done):
+        raise run_directory.conflict(run_dir, stored, current, ["epochs"], ": a run cannot be shortened")
+    if not done_epochs_unchanged(config, stored_epochs, steps, epochs_done):
+        reason = (
+            f": a longer run would change the schedule of the {epochs_done} epochs already trained "
+            f"(--lr_schedule={config.lr_schedule}"
+            f"{', LDAM-DRW re-weighting' if uses_base(config, 'ldam_drw') else ''})"
+        )
+        raise run_directory.conflict(run_dir, stored, current, ["epochs"], reason)
+    return stored_epochs
+
+
+def finished_report(run_dir, epochs_done, epochs):
+    """The stored report of a run that has finished its epochs, else None."""
+    path = run_dir / "report.json"
+    if epochs_done < epochs or not path.is_file() or not (run_dir / "model.keras").is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def trim_logs_to(write_dir, epochs_done):
+    """Drops per-epoch records past the checkpoint (a run killed after logging, before saving)."""
+    history = write_dir / "history.csv"
+    if history.is_file():
+        lines = history.read_text().splitlines(keepends=True)
+        history.write_text("".join(lines[: 1 + epochs_done]))
+    for record in (write_dir / "metrics").glob("epoch_*.json"):
+        if int(record.stem.split("_")[1]) > epochs_done:
+            record.unlink()
 
 
 def train_and_evaluate(config):
     """Runs (or resumes) the training the flags describe; returns the final test report."""
     if not config.model_dir:
         raise ValueError("--model_dir is required: name the run directory to write (or resume).")
+    run_dir = pathlib.Path(config.model_dir)
+    chief = distribute.is_chief()
+    if config.overwrite and chief:
+        run_directory.start_over(run_dir)
+    stored = run_directory.read_flagfile(run_dir)
+    differing = []
+    if stored is not None:  # refuse a different experiment before loading any data
+        differing = run_directory.differing_flags(stored, run_flag_values(config))
+        if set(differing) - {"epochs"}:
+            raise run_directory.conflict(run_dir, stored, run_flag_values(config), differing)
     strategy = distribute.make_strategy(config.strategy)  # first: collectives need a fresh runtime
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    chief = distribute.is_chief()
-    run_dir = pathlib.Path(config.model_dir)
     write_dir = run_dir if chief else run_dir / "workers" / str(distribute.task_index())
+    checkpoint_dir = write_dir / "checkpoints"
 
     train, test, recipe, image_size = datasets_from_flags(config)
     counts = train.counts()
-    if chief:
-        write_run_files(run_dir, config, train, recipe, image_size)
     steps = pipelines.steps_per_epoch(train, config.batch_size)
+    epochs_done = checkpointing.latest_epoch(checkpoint_dir)
+    extended_from = []
+    if stored is not None:
+        info = run_directory.read_run_info(run_dir)
+        run_directory.check_same_data(run_dir, info, train.class_names, counts)
+        if differing:  # only --epochs
+            stored_epochs = check_extension(config, run_dir, stored, steps, epochs_done)
+            extended_from = [*(info or {}).get("epochs_extended_from", []), stored_epochs]
+            logging.info("Extending %s from %d to %d epochs.", run_dir, stored_epochs, config.epochs)
+        report = finished_report(write_dir, epochs_done, config.epochs)
+        if report is not None:
+            print(f"{run_dir} already finished its {config.epochs} epochs; its report:")
+            print(format_table(report))
+            return report
+    if chief and (stored is None or differing):
+        write_run_files(run_dir, config, train, recipe, image_size, extended_from)
     concutmix = config.concutmix or config.method == "concutmix"
 
     with strategy.scope():
@@ -267,11 +363,12 @@ def train_and_evaluate(config):
         callbacks = []
         if isinstance(loss, CARLoss):
             attach_car_state(model, loss)  # before restoring, so the checkpoint's EMA is loaded
-            callbacks.append(CARCallback(loss))
+            callbacks.append(CARCallback(loss, lambda_warmup_epochs=config.lambda_warmup_epochs))
         model.optimizer.build(model.trainable_variables)
-    initial_epoch = checkpointing.restore(model, write_dir / "checkpoints")
+    initial_epoch = checkpointing.restore(model, checkpoint_dir)
     if initial_epoch:
         logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)
+    trim_logs_to(write_dir, initial_epoch)
 
     stream = dict(
         recipe=recipe,
@@ -297,10 +394,11 @@ def train_and_evaluate(config):
     evaluation = PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train.class_names)
     callbacks += [
         evaluation,
-        NaNGuard(write_dir / "checkpoints"),
-        checkpointing.EpochCheckpoint(write_dir / "checkpoints", write=chief),
+        NaNGuard(checkpoint_dir),
         keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(write_dir / "tb")),
+        # Last: an epoch's records are complete before its checkpoint makes it count as done.
+        checkpointing.EpochCheckpoint(checkpoint_dir),
     ]
     start = time.time()
     if initial_epoch < config.epochs:

@@ -37,3 +37,11 @@ def cifar10_dir(shared_data, tmp_path_factory):
         tar.extractall(out, filter="data")
     roots = [p for p in out.rglob("train") if p.is_dir()]
     return roots[0].parent
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 3-class image-folder data set of 16x16 PNGs: train/ and test/ trees (train_helpers.py)."""
+    from train_helpers import write_tiny_folder
+
+    return write_tiny_folder(tmp_path_factory.mktemp("tiny"))

@@ -61,5 +61,10 @@ def callbacks_for_loss(loss, epochs):
     if isinstance(base, keras.losses.Loss):
         loss = base
     if isinstance(loss, LDAMLoss):
-        return [DRWSchedule(loss, start_epoch=round(DRW_START_FRACTION * epochs))]
+        return [DRWSchedule(loss, start_epoch=drw_start_epoch(epochs))]
     return []
+
+
+def drw_start_epoch(epochs):
+    """First re-weighted epoch of LDAM-DRW in a run of ``epochs`` epochs (160 of 200)."""
+    return round(DRW_START_FRACTION * epochs)
