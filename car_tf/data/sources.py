@@ -434,7 +434,7 @@ def image_file_problem(path):
     """None for a readable image file, else why not ("does not exist", "is not an image", ...).
 
     Cheap: reads the first and last bytes only (format signature, end marker, stated size); a file
-    whose end looks wrong is decoded in full before it is called truncated.
+    whose end looks wrong is decoded in full (PIL) before it is called truncated.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -454,13 +454,12 @@ def image_file_problem(path):
         return "is empty" if size == 0 else "is not a JPEG, PNG, GIF or BMP image"
     if _looks_complete(kind, head, tail, size):
         return None
-    import tensorflow as tf
-
-    from car_tf.data.pipelines import decode_image
+    from PIL import Image  # the same libjpeg / libpng as TensorFlow's decoders, without their log noise
 
     try:
-        decode_image(tf.io.read_file(str(path)))
-    except tf.errors.OpError:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except Exception:  # PIL raises OSError, SyntaxError or ValueError for broken files
         return f"is a truncated or corrupt {kind} file"
     return None
 
