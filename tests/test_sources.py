@@ -395,6 +395,9 @@ def test_corrupt_images_refused_in_one_sentence_or_skipped(tmp_path):
     assert train.counts().tolist() == [5, 4]  # 4 good + padded.jpg; 3 unreadable left out
     assert len(train.skipped) == 3 and test.counts().tolist() == [2, 2]
     assert test.skipped == (f"{tmp_path / 'test' / 'class_1' / 'bad.jpg'}: is not a JPEG, PNG, GIF or BMP image",)
+    # Subsampling counts readable images only: the profile holds for what is trained on.
+    values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--skip_corrupt", "--imbalance_factor=2"])
+    assert data_flags.datasets_from_flags(values)[0].counts().tolist() == [5, 2]
 
 
 def test_missing_list_file_image_is_named_with_its_path(tmp_path):

@@ -80,7 +80,7 @@ def recipe_for(dataset, data_recipe="auto"):
 def datasets_from_flags(flag_values=flags.FLAGS):
     """(train LabeledData, test LabeledData, recipe, image_size) from the data flags.
 
-    Every image file of both splits is checked before this returns (sources.check_images); with
+    Every image file of both splits is checked before any subsampling (sources.check_images); with
     --skip_corrupt the unreadable ones are left out and listed in each split's ``skipped``.
     """
     name = flag_values.dataset
@@ -88,6 +88,8 @@ def datasets_from_flags(flag_values=flags.FLAGS):
         data_dir=flag_values.data_dir,
         train_list=flag_values.train_list,
         test_list=flag_values.test_list,
+        check_files=True,
+        skip_corrupt=flag_values.skip_corrupt,
     )
     imbalance_factor = flag_values.imbalance_factor
     if imbalance_factor is None and name in sources.CIFAR:
@@ -96,9 +98,6 @@ def datasets_from_flags(flag_values=flags.FLAGS):
         name, "train", imbalance_factor=imbalance_factor, profile=flag_values.lt_profile, **common
     )
     test = sources.load_dataset(name, "test", **common)
-    train = sources.check_images(train, "training", flag_values.skip_corrupt)
-    sources.check_every_class_present(train, name)
-    test = sources.check_images(test, "test", flag_values.skip_corrupt)
     if flag_values.data_recipe == "auto" and name in ("folder", "list"):
         recipe, image_size = _recipe_from_images(train, flag_values.image_size)
     else:

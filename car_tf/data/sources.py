@@ -213,6 +213,8 @@ def load_dataset(
     test_list=None,
     imbalance_factor=None,
     profile="exp",
+    check_files=False,
+    skip_corrupt=False,
 ):
     """One split of a named data set as LabeledData.
 
@@ -225,6 +227,8 @@ def load_dataset(
     imbalance_factor (cifar10, cifar100, folder, list; training split only) keeps the first n_i
     images of each class, n_max = the largest class: CIFAR in class-index order, folder and list
     by rank of class size (largest first). Every class of a training split must have an image.
+    check_files: check every image file first (``check_images``), before any subsampling;
+    skip_corrupt: leave the unreadable ones out instead of refusing them.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; use one of {', '.join(DATASETS)}.")
@@ -240,6 +244,8 @@ def load_dataset(
             data = match_classes(data, _class_folder_names(root / "train"), str(root / "test"), "folder name")
     else:
         data = _load_list(name, split, data_dir, train_list, test_list)
+    if check_files:
+        data = check_images(data, "training" if split == "train" else "test", skip_corrupt)
     if split == "train":
         check_every_class_present(data, name)
         if imbalance_factor is not None and name in SUBSAMPLED:
