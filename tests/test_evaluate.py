@@ -160,9 +160,11 @@ def test_cli_on_an_image_folder(tmp_path):
             folder = tmp_path / "data" / split / f"class{label}"  # sorted folder names = label order
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    broken = tmp_path / "data" / "test" / "class1" / "zz_broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(30))  # skipped and listed in report.json
     _model().save(tmp_path / "model.keras")
     command = [sys.executable, "-m", "car_tf.evaluate", f"--model={tmp_path / 'model.keras'}",
-               "--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--imbalance_factor=1", "--on_train",
+               "--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--skip_corrupt", "--on_train",
                "--train_counts=[30, 12, 5, 3]",
                f"--output_dir={tmp_path / 'out'}"]
     root = Path(__file__).resolve().parents[1]
@@ -172,6 +174,8 @@ def test_cli_on_an_image_folder(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["train_count"] for r in report["per_class"]] == [30, 12, 5, 3]
     assert report["num_samples"] == 16 and "worst_class_gap" in report
+    assert report["skipped_test_images"] == [f"{broken}: is a truncated or corrupt PNG file"]
     wrong = subprocess.run(command + ["--image_size=24"],
                            cwd=root, capture_output=True, text=True)
-    assert wrong.returncode != 0 and "images are 24x24 but the model expects 16x16" in wrong.stderr
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "images are 24x24 but the model expects 16x16" in wrong.stderr.strip().splitlines()[-1]
