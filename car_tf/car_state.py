@@ -50,6 +50,7 @@ class CARState(keras.layers.Layer):
         self.power_v = weight("power_v", (k,), keras.initializers.Constant(k**-0.5))
         self.power_av = weight("power_av", (k,))
         self.power_atu = weight("power_atu", (k,))
+        self.power_rounds = weight("power_rounds", ())  # rounds run since the start, for diagnosis
         self.spec_lambda = weight("spec_lambda", (), keras.initializers.Constant(spec_lambda))
         self.sigma_sum = weight("sigma_sum", ())
         self.sigma_count = weight("sigma_count", ())
@@ -65,14 +66,21 @@ class CARState(keras.layers.Layer):
         return ops.transpose(decay[:, None] * self.ema_columns)
 
     def ema_times(self, x):
-        """Cbar x [K] without forming Cbar: one pass over the stored columns."""
-        decay = ops.cast(self.ema_decay, "float32")
-        return ops.matmul((decay * x)[None, :], self.ema_columns)[0]
+        """Cbar x [K] without forming Cbar: one pass over the stored columns, in blocks."""
+        decay_x = ops.cast(self.ema_decay, "float32") * x
+
+        def times(block, rows):
+            return ops.matmul(ops.take(decay_x, rows)[None, :], block)[0]
+
+        return _blockwise(self.ema_columns, times)
 
     def ema_transpose_times(self, u):
-        """Cbar^T u [K] without forming Cbar: one pass over the stored columns."""
+        """Cbar^T u [K] without forming Cbar: one pass over the stored columns, in blocks."""
         decay = ops.cast(self.ema_decay, "float32")
-        return decay * ops.matmul(self.ema_columns, u[:, None])[:, 0]
+        def times(block, rows):
+            return ops.matmul(block, u[:, None])[:, 0]
+
+        return decay * _blockwise(self.ema_columns, times, concat=True)
 
     def update_ema(self, columns, ids, decay, weight, updating):
         """Cbar <- decay * Cbar + weight * C_t, touching only the batch's columns (O(K * B)).
@@ -84,10 +92,14 @@ class CARState(keras.layers.Layer):
         present = ops.segment_sum(ops.ones_like(ids, "float32"), ids, self.num_classes) > 0
         present = ops.logical_and(present, ops.cast(updating, "bool"))
         decayed = decay * self.ema_decay
-        # Bring the batch's stored columns up to date, then add the batch; their d_j becomes 1.
-        factor = ops.cast(ops.where(ops.take(present, ids), ops.take(decayed, ids), 1.0), "float32")
-        _scatter(self.ema_columns, ids, factor[:, None] * ops.take(self.ema_columns, ids, axis=0))
-        _scatter(self.ema_columns, ids, ops.cast(weight, "float32") * columns, add=True)
+        rows, inverse = ops.unique(ids, return_inverse=True)
+        summed = ops.segment_sum(columns, inverse, num_segments=ops.shape(rows)[0])
+        # Bring the batch's stored columns up to date and add the batch; their d_j becomes 1.
+        factor = ops.where(ops.take(present, rows), ops.take(decayed, rows), 1.0)
+        factor = ops.cast(factor, "float32")
+        stored = _read_rows(self.ema_columns, rows)
+        weight = ops.cast(weight, "float32")
+        _write_rows(self.ema_columns, rows, factor[:, None] * stored + weight * summed)
         self.ema_decay.assign(ops.where(present, 1.0, decayed))
 
     def reset_epoch_statistics(self):
@@ -151,16 +163,36 @@ class CARSequential(CarriesCARState, keras.Sequential):
 _CARRIERS = {Functional: CARFunctional, keras.Sequential: CARSequential}
 
 
-def _scatter(variable, ids, rows, add=False):
-    """In-place row update (or addition, repeats summed) of a TensorFlow-backed Keras variable.
+# The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense
+# read once it has been updated in place (so that row updates never copy it), so a pass over the
+# whole matrix reads it in blocks of about _BLOCK_VALUES numbers: no K x K copy, little memory.
+_BLOCK_VALUES = 2**24
 
-    keras.ops has only out-of-place scatters, which would copy the K x K EMA every step.
-    """
+
+def _read_rows(variable, rows):
+    """variable[rows] without reading the whole variable (this replica's copy under a strategy)."""
     import tensorflow as tf
 
-    slices = tf.IndexedSlices(rows, ids, dense_shape=variable.shape)
-    target = variable.value
-    return target.scatter_add(slices) if add else target.scatter_update(slices)
+    return tf.raw_ops.ResourceGather(resource=variable.value.handle, indices=rows, dtype=variable.dtype)
+
+
+def _write_rows(variable, rows, values):
+    """variable[rows] = values in place (rows without repeats); keras.ops only scatters out of place."""
+    import tensorflow as tf
+
+    variable.value.scatter_update(tf.IndexedSlices(values, rows))
+
+
+def _blockwise(variable, fn, concat=False):
+    """sum (or, with ``concat``, the concatenation) of fn(block, row ids) over blocks of rows."""
+    total_rows, width = variable.shape
+    block = max(1, min(total_rows, _BLOCK_VALUES // width))
+    starts = list(range(0, total_rows, block))
+    parts = []
+    for start in starts:
+        rows = ops.arange(start, min(start + block, total_rows), dtype="int32")
+        parts.append(fn(_read_rows(variable, rows), rows))
+    return ops.concatenate(parts, axis=0) if concat else sum(parts[1:], parts[0])
 
 
 def attach_car_state(model, loss):

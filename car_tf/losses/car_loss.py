@@ -213,9 +213,10 @@ class CARLoss(keras.losses.Loss):
             return frequency * state.ema_transpose_times(y)
 
         rounds = self.power_iterations * ops.cast(updating, "int32")
-        u, v, av, atu, _ = spectral.power_iteration(
+        u, v, av, atu, rounds = spectral.power_iteration(
             matvec, rmatvec, u, v, av, atu, self.power_tolerance, rounds
         )
+        state.power_rounds.assign_add(ops.cast(rounds, "float32"))
         for variable, value in zip(
             (state.power_u, state.power_v, state.power_av, state.power_atu), (u, v, av, atu)
         ):
