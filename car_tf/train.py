@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
-from car_tf import checkpointing, cli, distribute, run_directory, schedules
+from car_tf import checkpointing, cli, distribute, optimizers, run_directory, schedules
 from car_tf.car_callback import CARCallback
 from car_tf.car_state import attach_car_state
 from car_tf.data import pipelines
@@ -55,7 +55,22 @@ flags.DEFINE_string("model", "resnet32", "Backbone name (car_tf.models.list_mode
 flags.DEFINE_enum("head", "linear", ["linear", "cosine"], "Classifier head.")
 flags.DEFINE_float("cosine_scale", 30.0, "Scale s of the cosine head.")
 flags.DEFINE_integer("patch_size", 0, "ViT patch size (0: the model's default of 16).")
-flags.DEFINE_string("pretrained", None, "A .weights.h5 file to fine-tune from.")
+flags.DEFINE_string(
+    "pretrained", None,
+    "Weights to fine-tune from: a .weights.h5 file of the same --model; with --model=keras_hub a "
+    "keras-hub preset name (resnet_50_imagenet, vit_base_patch16_224_imagenet, ...) or local preset "
+    "folder; with --model=keras_resnet50 'imagenet' or keras.applications' weights file.",
+)
+flags.DEFINE_integer(
+    "freeze_backbone_epochs", 0,
+    "Epochs at the start during which the backbone does not move (a linear probe), then full fine-tuning.",
+    lower_bound=0,
+)
+flags.DEFINE_float(
+    "backbone_lr_multiplier", 1.0,
+    "The backbone's learning rate (and weight decay) relative to the head's, e.g. 0.1 for fine-tuning.",
+    lower_bound=0.0,
+)
 # Optimisation.
 flags.DEFINE_integer("epochs", 200, "Training epochs.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size (split across replicas).")
@@ -157,8 +172,19 @@ def build_schedule(config, steps_per_epoch, epochs):
     )
 
 
-def build_optimizer(config, steps_per_epoch):
+def build_optimizer(config, steps_per_epoch, classifier):
+    """The run's optimizer; with fine-tuning controls, one that treats the backbone apart."""
     schedule = build_schedule(config, steps_per_epoch, config.epochs)
+    if config.freeze_backbone_epochs or config.backbone_lr_multiplier != 1.0:
+        fine_tuning = dict(
+            backbone_variables=optimizers.backbone_variable_paths(classifier),
+            backbone_lr_multiplier=config.backbone_lr_multiplier,
+            freeze_steps=config.freeze_backbone_epochs * steps_per_epoch,
+            weight_decay=config.weight_decay,
+        )
+        if config.optimizer == "adamw":
+            return optimizers.FineTuningAdamW(schedule, **fine_tuning)
+        return optimizers.FineTuningSGD(schedule, momentum=config.momentum, **fine_tuning)
     if config.optimizer == "adamw":
         return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     return keras.optimizers.SGD(
@@ -233,8 +259,9 @@ def run_flag_values(config):
     return {name: config[name].serialize() for name in RUN_FLAGS if config[name].serialize()}
 
 
-def write_run_files(run_dir, config, train, recipe, image_size, extended_from=()):
+def write_run_files(run_dir, config, train, recipe, image_size, classifier, extended_from=()):
     run_dir.mkdir(parents=True, exist_ok=True)
+    normalization = classifier.get_layer("pixel_normalization").get_config()
     info = {
         "model": config.model,
         "num_classes": train.num_classes,
@@ -248,6 +275,9 @@ def write_run_files(run_dir, config, train, recipe, image_size, extended_from=()
         "concutmix": config.concutmix or config.method == "concutmix",
         "epochs": config.epochs,
         "epochs_extended_from": list(extended_from),
+        "pretrained": config.pretrained,
+        # Inside the model, so evaluation and export apply it too; recorded for the reader.
+        "pixel_normalization": {k: normalization[k] for k in ("mean", "std", "scale", "channel_order")},
     }
     run_directory.write_atomically(run_dir / run_directory.RUN_FILE, json.dumps(info, indent=1))
     # Written last: a directory with flags.txt holds a complete record.
@@ -346,8 +376,6 @@ def train_and_evaluate(config):
             print(f"{run_dir} already finished its {config.epochs} epochs; its report:")
             print(format_table(report))
             return report
-    if chief and (stored is None or differing):
-        write_run_files(run_dir, config, train, recipe, image_size, extended_from)
     concutmix = config.concutmix or config.method == "concutmix"
 
     with strategy.scope():
@@ -355,7 +383,7 @@ def train_and_evaluate(config):
         loss = build_loss(config, counts)
         model = wrap_concutmix(config, classifier, counts) if concutmix else classifier
         model.compile(
-            optimizer=build_optimizer(config, steps),
+            optimizer=build_optimizer(config, steps, classifier),
             loss=loss,
             metrics=None if concutmix else [keras.metrics.SparseCategoricalAccuracy(name="acc")],
             jit_compile=config.jit_compile,
@@ -365,6 +393,8 @@ def train_and_evaluate(config):
             attach_car_state(model, loss)  # before restoring, so the checkpoint's EMA is loaded
             callbacks.append(CARCallback(loss, lambda_warmup_epochs=config.lambda_warmup_epochs))
         model.optimizer.build(model.trainable_variables)
+    if chief and (stored is None or differing):
+        write_run_files(run_dir, config, train, recipe, image_size, classifier, extended_from)
     initial_epoch = checkpointing.restore(model, checkpoint_dir)
     if initial_epoch:
         logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)

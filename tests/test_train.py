@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from car_tf import checkpointing
 from car_tf import train as train_cli
-from car_tf.models import create_model, list_models
+from car_tf.models import create_model, ecosystem, list_models
 
 from train_helpers import ROOT, parse, tiny_args
 
@@ -25,6 +25,8 @@ def test_every_shipped_recipe_parses_and_validates(flagfile, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = parse([f"--flagfile={flagfile}", "--model_dir=/tmp/unused"])
     assert config.model in list_models()
+    if config.model == "keras_hub":  # a preset keras-hub knows by name
+        assert ecosystem.is_keras_hub_preset(config.pretrained), config.pretrained
     assert all(0 < int(e) < config.epochs for e in config.lr_decay_epochs) or config.lr_schedule != "step"
     assert config.warmup_epochs < config.epochs
     counts = np.linspace(500, 5, 10).astype(int)

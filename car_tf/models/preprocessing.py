@@ -12,13 +12,20 @@ CHANNEL_STATS = {
 
 @keras.saving.register_keras_serializable(package="car_tf")
 class PixelNormalization(keras.layers.Layer):
-    """Maps raw pixels to ``(pixels * scale - mean) / std`` per channel (channels last)."""
+    """Maps raw RGB pixels to ``(pixels * scale - mean) / std`` per channel (channels last).
 
-    def __init__(self, mean, std, scale=1.0 / 255.0, **kwargs):
+    ``mean`` and ``std`` are in RGB order; ``channel_order="bgr"`` then reverses the channels, as
+    Caffe-trained weights (keras.applications' ResNet-50) expect.
+    """
+
+    def __init__(self, mean, std, scale=1.0 / 255.0, channel_order="rgb", **kwargs):
         super().__init__(**kwargs)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.scale = float(scale)
+        if channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"PixelNormalization got channel_order={channel_order!r}; pass 'rgb' or 'bgr'.")
+        self.channel_order = channel_order
         if len(self.mean) != len(self.std):
             raise ValueError(
                 f"PixelNormalization got {len(self.mean)} means but {len(self.std)} stds; "
@@ -42,10 +49,19 @@ class PixelNormalization(keras.layers.Layer):
         offset = keras.ops.convert_to_tensor(
             [m / s for m, s in zip(self.mean, self.std)], dtype=self.compute_dtype
         )
-        return inputs * gain - offset
+        normalized = inputs * gain - offset
+        if self.channel_order == "bgr":
+            return keras.ops.take(normalized, [2, 1, 0], axis=-1)  # a gather: every exporter has one
+        return normalized
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "mean": self.mean, "std": self.std, "scale": self.scale}
+        return {
+            **super().get_config(),
+            "mean": self.mean,
+            "std": self.std,
+            "scale": self.scale,
+            "channel_order": self.channel_order,
+        }

@@ -16,6 +16,7 @@ import zipfile
 import h5py
 import keras
 
+from car_tf.models import ecosystem
 from car_tf.models.heads import classifier_head
 from car_tf.models.preprocessing import CHANNEL_STATS, PixelNormalization
 
@@ -28,6 +29,11 @@ class _Registration:
 
 
 _MODELS = {}
+# Backbones with their own weights and pixel scaling: builder(raw images, weights) -> (features, normalization).
+_ECOSYSTEM = {
+    ecosystem.KERAS_HUB: ecosystem.keras_hub_backbone,
+    ecosystem.KERAS_RESNET50: ecosystem.keras_resnet50_backbone,
+}
 
 
 def register_model(name, *, input_shape=(224, 224, 3), normalization="imagenet"):
@@ -50,8 +56,8 @@ def register_model(name, *, input_shape=(224, 224, 3), normalization="imagenet")
 
 
 def list_models():
-    """Names of all registered models, sorted."""
-    return sorted(_MODELS)
+    """Names of all registered models, sorted (the ecosystem's keras_hub and keras_resnet50 included)."""
+    return sorted([*_MODELS, *_ECOSYSTEM])
 
 
 def create_model(
@@ -74,23 +80,32 @@ def create_model(
       input_shape: (H, W, 3); defaults to the model's registered shape.
       head: "linear" (Dense with bias) or "cosine" (CosineClassifier with ``cosine_scale``).
       cosine_scale: the scale s of the cosine head.
-      weights: optional path to a ``.weights.h5`` (or ``.keras``) file to load.
+      weights: optional path to a ``.weights.h5`` (or ``.keras``) file to load. For
+        "keras_hub", the keras-hub preset (name or local folder) whose backbone and weights to
+        use; for "keras_resnet50", "imagenet", the path of keras.applications' weights file, or
+        None (see car_tf.models.ecosystem).
       dropout: dropout rate between "features" and "classifier".
       normalization: "cifar" or "imagenet" pixel statistics; defaults to the model's own.
       **backbone_options: options of the backbone builder (e.g. ``patch_size`` for ViT).
     """
+    if name in _ECOSYSTEM:
+        if backbone_options or normalization:
+            given = ", ".join([*backbone_options, *(["normalization"] if normalization else [])])
+            raise ValueError(
+                f"model {name!r} takes its architecture and pixel scaling from its weights; drop {given}."
+            )
+        return _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights, dropout)
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; pass one of {', '.join(list_models())}.")
-    registration = _MODELS[name]
-    if int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}.")
-    input_shape = tuple(input_shape or registration.input_shape)
-    if len(input_shape) != 3 or input_shape[-1] != 3:
+    if weights == "imagenet" or ecosystem.is_keras_hub_preset(weights):
+        family = ecosystem.KERAS_RESNET50 if weights == "imagenet" else ecosystem.KERAS_HUB
         raise ValueError(
-            f"input_shape must be (height, width, 3) for RGB images, got {input_shape!r}."
+            f"weights {weights!r} are published for the ecosystem's own backbone, not car_tf's "
+            f"{name}; pass --model={family} (create_model({family!r}, ...)) with them."
         )
+    registration = _MODELS[name]
+    _check_common(num_classes, dropout)
+    input_shape = _checked_shape(input_shape or registration.input_shape)
     normalization = normalization or registration.normalization
     if normalization not in CHANNEL_STATS:
         raise ValueError(
@@ -109,13 +124,46 @@ def create_model(
     mean, std = CHANNEL_STATS[normalization]
     x = PixelNormalization(mean, std, name="pixel_normalization")(images)
     features = registration.builder(x, **backbone_options)
-    if dropout:
-        features = keras.layers.Dropout(dropout, name="head_dropout")(features)
-    logits = classifier_head(head, int(num_classes), cosine_scale)(features)
-    model = keras.Model(images, logits, name=name)
+    model = _with_head(images, features, name, num_classes, head, cosine_scale, dropout)
     if weights is not None:
         load_model_weights(model, weights)
     return model
+
+
+def _check_common(num_classes, dropout):
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}.")
+
+
+def _checked_shape(input_shape):
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, 3) for RGB images, got {input_shape!r}."
+        )
+    return input_shape
+
+
+def _with_head(images, features, name, num_classes, head, cosine_scale, dropout):
+    if dropout:
+        features = keras.layers.Dropout(dropout, name="head_dropout")(features)
+    logits = classifier_head(head, int(num_classes), cosine_scale)(features)
+    return keras.Model(images, logits, name=name)
+
+
+def _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights, dropout):
+    """An ecosystem backbone (car_tf.models.ecosystem) under car_tf's head."""
+    _check_common(num_classes, dropout)
+    if name == ecosystem.KERAS_HUB and not ecosystem.is_keras_hub_preset(weights):
+        raise ValueError(
+            f"model keras_hub needs a keras-hub preset as its weights (a preset name such as "
+            f"resnet_50_imagenet, or a local preset folder), got {weights!r}; pass --pretrained=PRESET."
+        )
+    images = keras.Input(shape=_checked_shape(input_shape or (224, 224, 3)), dtype="float32", name="images")
+    features, _ = _ECOSYSTEM[name](images, weights)
+    return _with_head(images, features, name, num_classes, head, cosine_scale, dropout)
 
 
 def features_model(model):
