@@ -121,7 +121,7 @@ def test_list_classes_without_folder_names_match_by_label(tmp_path):
     data = sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=test)
     assert data.labels.tolist() == [2, 0, 1] and data.class_names == ["0", "1", "2"]
     missing = write_list(tmp_path / "missing.txt", ["x.jpg 2", "y.jpg 0"])
-    with pytest.raises(ValueError, match=r"no images of training class\(es\) '1'.*\(by label id\)"):
+    with pytest.raises(ValueError, match=r"no images of training class\(es\) '1'.*\(matched by label id\)\.$"):
         sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=missing)
 
 

@@ -277,8 +277,9 @@ def match_classes(test, train_names, where, by):
     one split only (``where`` and ``by`` word the error)."""
     train_names = [str(n) for n in train_names]
     present = [test.class_names[c] for c in np.flatnonzero(test.counts())]
-    extra = [n for n in present if n not in train_names]
-    missing = [n for n in train_names if n not in present]
+    known, found = set(train_names), set(present)
+    extra = [n for n in present if n not in known]
+    missing = [n for n in train_names if n not in found]
     if extra or missing:
         parts = []
         if missing:
@@ -287,7 +288,7 @@ def match_classes(test, train_names, where, by):
             parts.append(f"has class(es) {_quoted(extra)} that the training data lacks")
         raise ValueError(
             f"The test data {where} {' and '.join(parts)}; give both splits the same classes "
-            f"(by {by}) before training."
+            f"(matched by {by})."
         )
     index = {n: i for i, n in enumerate(train_names)}
     relabel = np.asarray([index.get(n, -1) for n in test.class_names], np.int64)
