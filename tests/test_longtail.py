@@ -76,6 +76,9 @@ def test_subsample_keeps_first_n_of_each_class_in_order():
 def test_subsample_rejects_a_class_that_is_too_small():
     with pytest.raises(ValueError, match="Class 1 has 2 images"):
         longtail.subsample_longtail([0, 0, 0, 1, 1], [2, 3])
+    with pytest.raises(ValueError, match=r"^Class 1 \('dog'\) has 2 images but the long-tailed profile asks "
+                                         r"for 3; pass a larger --imbalance_factor, or leave it out"):
+        longtail.subsample_longtail([0, 0, 0, 1, 1], [2, 3], ["cat", "dog"])
 
 
 def test_class_counts_and_range_check():
