@@ -95,21 +95,21 @@ def step_rows():
         setups.append((name, k, car.spectral_method, fitted(build, x, y, get_base_loss("ce", counts)),
                        fitted(build, x, y, car)))
     times = {(name, k): ([], []) for name, k, *_ in setups}
-    rounds_before = {(name, k): power_rounds(car) for name, k, _, _, car in setups}
+    passes_before = {(name, k): power_passes(car) for name, k, _, _, car in setups}
     for _ in range(FLAGS.rounds):
         for name, k, _, ce, car in setups:
             times[name, k][0].append(seconds_per_step(ce))
             times[name, k][1].append(seconds_per_step(car))
     rows = []
     for name, k, method, _, car in setups:
-        rounds = (power_rounds(car) - rounds_before[name, k]) / (FLAGS.rounds * FLAGS.steps)
+        passes = (power_passes(car) - passes_before[name, k]) / (FLAGS.rounds * FLAGS.steps)
         ce_time, car_time = (statistics.median(t) for t in times[name, k])
-        rows.append((name, k, method, ce_time, car_time, rounds))
+        rows.append((name, k, method, ce_time, car_time, passes))
     return rows
 
 
-def power_rounds(setup):
-    return float(setup[0].car_state.power_rounds.numpy())
+def power_passes(setup):
+    return float(setup[0].car_state.power_passes.numpy())
 
 
 def peak_memory_mib(method, k):
@@ -155,13 +155,13 @@ def penalty_rows():
             return spectral.spectral_norm(a, u, v)
 
         @tf.function
-        def power(a, u, v, max_rounds):
-            u, v, av, _, rounds = spectral.power_iteration(
+        def power(a, u, v, max_passes):
+            u, v, av, _, passes = spectral.power_iteration(
                 lambda x: tf.linalg.matvec(a, x), lambda y: tf.linalg.matvec(a, y, transpose_a=True),
                 u, v, tf.linalg.matvec(a, v), tf.linalg.matvec(a, u, transpose_a=True),
-                spectral.POWER_TOLERANCE, max_rounds,
+                spectral.POWER_TOLERANCE, max_passes,
             )
-            return tf.reduce_sum(u * av), u, v, rounds
+            return tf.reduce_sum(u * av), u, v, passes
 
         start_vector = tf.fill([k], k**-0.5)
         results = {}
@@ -176,7 +176,7 @@ def penalty_rows():
                 out = fn(*args)
                 t.append(time.perf_counter() - begin)
             results[name] = (statistics.median(t), out)
-        _, u, v, rounds = results["cold"][1]
+        _, u, v, passes = results["cold"][1]
         power(a, u, v, 1)
         t = []
         for _ in range(5):
@@ -184,7 +184,7 @@ def penalty_rows():
             power(a, u, v, 1)
             t.append(time.perf_counter() - begin)
         err = lambda s: abs(float(s) - exact) / exact  # noqa: E731
-        rows.append((k, results["svd"][0], err(results["svd"][1]), results["cold"][0], int(rounds),
+        rows.append((k, results["svd"][0], err(results["svd"][1]), results["cold"][0], int(passes),
                      err(results["cold"][1][0]), statistics.median(t)))
     return rows
 
@@ -202,21 +202,21 @@ def main(argv):
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
           f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, batch {FLAGS.batch_size}, "
           f"median of {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps\n")
-    print("| model | K | CE s/step | CAR method | CAR s/step | CAR / CE | power rounds / step |")
+    print("| model | K | CE s/step | CAR method | CAR s/step | CAR / CE | power passes / step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, k, method, ce, car, rounds in step_rows():
-        rounds_text = f"{rounds:.2f}" if method == "power" else "-"
-        print(f"| {name} | {k} | {ce:.4f} | {method} | {car:.4f} | {car / ce:.2f} | {rounds_text} |")
+    for name, k, method, ce, car, passes in step_rows():
+        passes_text = f"{passes:.2f}" if method == "power" else "-"
+        print(f"| {name} | {k} | {ce:.4f} | {method} | {car:.4f} | {car / ce:.2f} | {passes_text} |")
     print("\n| K | CE peak MiB | CAR peak MiB | CAR extra MiB | one K x K float32 MiB | extra / K x K |")
     print("| --- | --- | --- | --- | --- | --- |")
     for k, ce, car in memory:
         matrix = 4 * k * k / 2**20
         print(f"| {k} | {ce:.0f} | {car:.0f} | {car - ce:.0f} | {matrix:.0f} | {(car - ce) / matrix:.2f} |")
-    print("\n| K | full SVD s | SVD rel. error | power, cold start s | rounds | power rel. error "
-          "| one warm round s | SVD / cold power |")
+    print("\n| K | full SVD s | SVD rel. error | power, cold start s | passes | power rel. error "
+          "| one warm pass s | SVD / cold power |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for k, svd, svd_err, cold, rounds, cold_err, warm in penalty_rows():
-        print(f"| {k} | {svd:.4f} | {svd_err:.1e} | {cold:.4f} | {rounds} | {cold_err:.1e} | "
+    for k, svd, svd_err, cold, passes, cold_err, warm in penalty_rows():
+        print(f"| {k} | {svd:.4f} | {svd_err:.1e} | {cold:.4f} | {passes} | {cold_err:.1e} | "
               f"{warm:.5f} | {svd / cold:.1f}x |")
 
 

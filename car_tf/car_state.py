@@ -50,7 +50,7 @@ class CARState(keras.layers.Layer):
         self.power_v = weight("power_v", (k,), keras.initializers.Constant(k**-0.5))
         self.power_av = weight("power_av", (k,))
         self.power_atu = weight("power_atu", (k,))
-        self.power_rounds = weight("power_rounds", ())  # rounds run since the start, for diagnosis
+        self.power_passes = weight("power_passes", ())  # passes over the EMA so far, for diagnosis
         self.spec_lambda = weight("spec_lambda", (), keras.initializers.Constant(spec_lambda))
         self.sigma_sum = weight("sigma_sum", ())
         self.sigma_count = weight("sigma_count", ())
@@ -66,21 +66,22 @@ class CARState(keras.layers.Layer):
         return ops.transpose(decay[:, None] * self.ema_columns)
 
     def ema_times(self, x):
-        """Cbar x [K] without forming Cbar: one pass over the stored columns, in blocks."""
+        """Cbar x [K] without forming Cbar: one pass over the stored columns, block by block."""
         decay_x = ops.cast(self.ema_decay, "float32") * x
 
-        def times(block, rows):
-            return ops.matmul(ops.take(decay_x, rows)[None, :], block)[0]
+        def times(total, block, rows, valid):
+            weights = ops.where(valid, ops.take(decay_x, rows), 0.0)
+            return total + ops.matmul(weights[None, :], block)[0]
 
         return _blockwise(self.ema_columns, times)
 
     def ema_transpose_times(self, u):
-        """Cbar^T u [K] without forming Cbar: one pass over the stored columns, in blocks."""
-        decay = ops.cast(self.ema_decay, "float32")
-        def times(block, rows):
-            return ops.matmul(block, u[:, None])[:, 0]
+        """Cbar^T u [K] without forming Cbar: one pass over the stored columns, block by block."""
 
-        return decay * _blockwise(self.ema_columns, times, concat=True)
+        def times(total, block, rows, valid):
+            return ops.scatter_update(total, rows[:, None], ops.matmul(block, u[:, None])[:, 0])
+
+        return ops.cast(self.ema_decay, "float32") * _blockwise(self.ema_columns, times)
 
     def update_ema(self, columns, ids, decay, weight, updating):
         """Cbar <- decay * Cbar + weight * C_t, touching only the batch's columns (O(K * B)).
@@ -183,16 +184,25 @@ def _write_rows(variable, rows, values):
     variable.value.scatter_update(tf.IndexedSlices(values, rows))
 
 
-def _blockwise(variable, fn, concat=False):
-    """sum (or, with ``concat``, the concatenation) of fn(block, row ids) over blocks of rows."""
+def _blockwise(variable, fn):
+    """fn(total, block, row ids, valid) folded over blocks of rows, one block in memory at a time.
+
+    ``total`` starts as zeros [K]; the last block repeats the last row, flagged by ``valid``.
+    """
+    import tensorflow as tf
+
     total_rows, width = variable.shape
-    block = max(1, min(total_rows, _BLOCK_VALUES // width))
-    starts = list(range(0, total_rows, block))
-    parts = []
-    for start in starts:
-        rows = ops.arange(start, min(start + block, total_rows), dtype="int32")
-        parts.append(fn(_read_rows(variable, rows), rows))
-    return ops.concatenate(parts, axis=0) if concat else sum(parts[1:], parts[0])
+    size = max(1, min(total_rows, _BLOCK_VALUES // width))
+    count = -(-total_rows // size)
+
+    def step(i, total):
+        rows = i * size + tf.range(size)
+        valid = rows < total_rows
+        rows = tf.minimum(rows, total_rows - 1)
+        return i + 1, fn(total, _read_rows(variable, rows), rows, valid)
+
+    start = (tf.constant(0), tf.zeros([total_rows], variable.dtype))
+    return tf.while_loop(lambda i, _: i < count, step, start, parallel_iterations=1)[1]
 
 
 def attach_car_state(model, loss):

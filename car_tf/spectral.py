@@ -4,8 +4,8 @@ sigma = u^T A v with u, v the top singular vectors held under stop-gradient give
 gradient as differentiating a full SVD, at the cost of finding u and v. They come from an SVD
 (small K) or from a warm-started power iteration that sees A only through the products A x and
 A^T y (large K), so A is never formed. The products of A with the current u and v are kept up to
-date between rounds by whoever changes A, and a round runs only while sigma has not converged to
-a tolerance: once the EMA drifts slowly most steps need no pass over the K x K matrix at all.
+date between steps by whoever changes A, and a pass runs only while sigma has not converged to a
+tolerance: once the EMA drifts slowly most steps need no pass over the K x K matrix at all.
 """
 
 from keras import ops
@@ -41,29 +41,38 @@ def sigma_gain(u, v, av, atu):
     return (best - sigma) / (best + _EPS)
 
 
-def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_rounds):
+def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_passes):
     """Warm-started power iteration on A, seen only through ``matvec`` (A x) and ``rmatvec`` (A^T y).
 
-    Starts from unit vectors u, v with their products av = A v and atu = A^T u, and runs rounds
-    v <- A^T u / |A^T u|, u <- A v / |A v| (two passes over A each) while ``sigma_gain`` is above
-    ``tolerance`` and fewer than ``max_rounds`` rounds have run. Stopping on sigma rather than on
-    the vectors keeps near-identity confusion matrices cheap: with nearly equal top singular
-    values the vectors wander among them for many rounds while sigma is already exact. Returns (u, v, av, atu, rounds),
-    av and atu the products of the returned pair; sigma = u^T A v = sum(u * av). No gradient.
+    Starts from unit vectors u, v with their products av = A v and atu = A^T u, and runs half
+    rounds, one pass over A each: v <- A^T u / |A^T u| (then av = A v) or u <- A v / |A v| (then
+    atu = A^T u), whichever raises sigma more, while ``sigma_gain`` is above ``tolerance`` and
+    fewer than ``max_passes`` have run. Both products stay exact for the current pair, so a
+    converged pair costs no pass at all. Stopping on sigma rather than on the vectors keeps
+    near-identity confusion matrices cheap: with nearly equal top singular values the vectors
+    wander among them for many rounds while sigma is already exact. Returns
+    (u, v, av, atu, passes); sigma = u^T A v = sum(u * av). No gradient.
     """
 
-    def unfinished(rounds, u, v, av, atu):
-        return ops.logical_and(rounds < max_rounds, sigma_gain(u, v, av, atu) > tolerance)
+    def unfinished(passes, u, v, av, atu):
+        return ops.logical_and(passes < max_passes, sigma_gain(u, v, av, atu) > tolerance)
 
-    def one_round(rounds, u, v, av, atu):
+    def new_v(u, v, av, atu):
         v = _unit(atu)
-        av = matvec(v)
+        return u, v, matvec(v), atu
+
+    def new_u(u, v, av, atu):
         u = _unit(av)
-        return rounds + 1, u, v, av, rmatvec(u)
+        return u, v, av, rmatvec(u)
+
+    def half_round(passes, u, v, av, atu):
+        pair = ops.cond(_norm(atu) >= _norm(av), lambda: new_v(u, v, av, atu),
+                        lambda: new_u(u, v, av, atu))
+        return (passes + 1, *pair)
 
     start = [ops.convert_to_tensor(0, "int32")] + [ops.stop_gradient(x) for x in (u, v, av, atu)]
-    rounds, u, v, av, atu = ops.while_loop(unfinished, one_round, start)
-    return u, v, av, atu, rounds
+    passes, u, v, av, atu = ops.while_loop(unfinished, half_round, start)
+    return u, v, av, atu, passes
 
 
 def spectral_norm(a, u, v):

@@ -45,10 +45,9 @@ class CARLoss(keras.losses.Loss):
         ema_init: "first_batch" (released code: Cbar_1 = sg(C_1)) or "zeros" (paper: Cbar_0 = 0).
         spectral_method: "svd", "power" or "auto" (SVD up to ``svd_max_classes`` classes, default
             100: above that the warm-started power iteration is faster and as exact).
-        power_iterations: at most this many power-iteration rounds per step (warm-started from the
-            previous step's vectors).
-        power_tolerance: rounds run while half a round more would raise sigma by more than this
-            fraction (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity
+        power_iterations: at most this many power-iteration passes over the EMA per step (half
+            rounds, A v or A^T u, warm-started from the previous step's vectors).
+        power_tolerance: passes run while one more would raise sigma by more than this fraction (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity
             confusion matrices included).
         label_classes: for soft labels, how many of each row's heaviest classes it counts toward.
     """
@@ -68,7 +67,7 @@ class CARLoss(keras.losses.Loss):
         ema_init="first_batch",
         spectral_method="auto",
         svd_max_classes=spectral.SVD_MAX_CLASSES,
-        power_iterations=10,
+        power_iterations=20,
         power_tolerance=spectral.POWER_TOLERANCE,
         label_classes=2,
         name="car_loss",
@@ -83,7 +82,7 @@ class CARLoss(keras.losses.Loss):
         if not (power_iterations >= 1 and power_tolerance > 0.0):
             raise ValueError(
                 f"power_iterations={power_iterations} and power_tolerance={power_tolerance} must be "
-                "positive; use the defaults 10 and 3e-6."
+                "positive; use the defaults 20 and 3e-6."
             )
         if ema_init not in EMA_INITS:
             raise ValueError(f"ema_init={ema_init!r} is not known; use one of {EMA_INITS}.")
@@ -143,7 +142,7 @@ class CARLoss(keras.losses.Loss):
 
         The K x K work is forward-only and touches the matrix only where it must: the EMA update
         rescales and adds the batch's columns (O(K * B)), and so do the products A v, A^T u of the
-        power iteration's pair; rounds (two passes over the EMA) run only while sigma has not
+        power iteration's pair; passes over the EMA run only while sigma has not
         converged to ``power_tolerance``. sigma is a function of this batch's contribution rows through
         Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the rows
         directly: d sigma / d contrib[q, i] = (1 - beta) u_i v_j w_j / max(1, mass_j) for a row of
@@ -195,7 +194,7 @@ class CARLoss(keras.losses.Loss):
     def _power_step(self, state, columns, ids, decay, weight, updating):
         """(u, v, sigma) of A = Cbar diag(w) after this step's EMA update, warm-started.
 
-        A v and A^T u follow the EMA's recurrence (the batch's columns only), then power rounds
+        A v and A^T u follow the EMA's recurrence (the batch's columns only), then passes
         run while the residual is above the tolerance (none during evaluation).
         """
         frequency = ops.convert_to_tensor(self.weights)
@@ -212,11 +211,11 @@ class CARLoss(keras.losses.Loss):
         def rmatvec(y):
             return frequency * state.ema_transpose_times(y)
 
-        rounds = self.power_iterations * ops.cast(updating, "int32")
-        u, v, av, atu, rounds = spectral.power_iteration(
-            matvec, rmatvec, u, v, av, atu, self.power_tolerance, rounds
+        passes = self.power_iterations * ops.cast(updating, "int32")
+        u, v, av, atu, passes = spectral.power_iteration(
+            matvec, rmatvec, u, v, av, atu, self.power_tolerance, passes
         )
-        state.power_rounds.assign_add(ops.cast(rounds, "float32"))
+        state.power_passes.assign_add(ops.cast(passes, "float32"))
         for variable, value in zip(
             (state.power_u, state.power_v, state.power_av, state.power_atu), (u, v, av, atu)
         ):
