@@ -22,9 +22,10 @@ def define_debug_flag(flag_values=flags.FLAGS):
         )
 
 
-def _first_line(text, limit=300):
+def _first_line(text, limit=None):
+    """The first non-empty line of ``text``, cut at ``limit`` characters (framework messages)."""
     line = next((l.strip() for l in str(text).splitlines() if l.strip()), "")
-    return line if len(line) <= limit else line[:limit] + " ..."
+    return line if limit is None or len(line) <= limit else line[:limit] + " ..."
 
 
 def _tensorflow_errors():
@@ -50,11 +51,11 @@ def sentence(error):
                 "it, or pass --skip_corrupt to leave unreadable images out."
             )
         if isinstance(error, errors.ResourceExhaustedError):
-            return f"out of memory ({_first_line(message)}); lower --batch_size or --image_size."
+            return f"out of memory ({_first_line(message, 300)}); lower --batch_size or --image_size."
         if isinstance(error, errors.NotFoundError):
-            return f"{_first_line(message)}; check the path."
+            return f"{_first_line(message, 300)}; check the path."
         return (
-            f"TensorFlow stopped with {type(error).__name__}: {_first_line(message)}; "
+            f"TensorFlow stopped with {type(error).__name__}: {_first_line(message, 300)}; "
             "rerun with --debug for the full trace."
         )
     if isinstance(error, OSError) and error.filename and error.strerror:
