@@ -166,19 +166,20 @@ _CARRIERS = {Functional: CARFunctional, keras.Sequential: CARSequential}
 
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense
 # read once it has been updated in place (so that row updates never copy it), so a pass over the
-# whole matrix reads it in blocks of about _BLOCK_VALUES numbers: no K x K copy, little memory.
-_BLOCK_VALUES = 2**24
+# whole matrix reads it in blocks of about _BLOCK_VALUES numbers (16 MiB): no K x K copy.
+_BLOCK_VALUES = 2**22
 
 
 def _read_rows(variable, rows):
     """variable[rows] without reading the whole variable (this replica's copy under a strategy)."""
     import tensorflow as tf
 
-    return tf.raw_ops.ResourceGather(resource=variable.value.handle, indices=rows, dtype=variable.dtype)
+    handle = variable.value.handle
+    return tf.raw_ops.ResourceGather(resource=handle, indices=rows, dtype=variable.dtype)
 
 
 def _write_rows(variable, rows, values):
-    """variable[rows] = values in place (rows without repeats); keras.ops only scatters out of place."""
+    """variable[rows] = values in place (rows without repeats); keras.ops scatters out of place."""
     import tensorflow as tf
 
     variable.value.scatter_update(tf.IndexedSlices(values, rows))

@@ -63,7 +63,7 @@ def contributions(
 
 
 def column_scales(ids, weights, num_classes):
-    """(1 / max(1, mass_j) for each row's class j [B*m], class mass [K]): C_t's column normaliser."""
+    """(1 / max(1, mass_j) for each row's class j [B*m], class mass [K]): C_t's normaliser."""
     mass = ops.segment_sum(weights, ids, num_segments=num_classes)
     return ops.take(1.0 / ops.maximum(mass, 1.0), ids), mass
 

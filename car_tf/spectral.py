@@ -42,7 +42,7 @@ def sigma_gain(u, v, av, atu):
 
 
 def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_passes):
-    """Warm-started power iteration on A, seen only through ``matvec`` (A x) and ``rmatvec`` (A^T y).
+    """Warm-started power iteration on A, seen only through ``matvec`` (A x), ``rmatvec`` (A^T y).
 
     Starts from unit vectors u, v with their products av = A v and atu = A^T u, and runs half
     rounds, one pass over A each: v <- A^T u / |A^T u| (then av = A v) or u <- A v / |A v| (then

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from car_tf import confusion, spectral
+from car_tf import car_state
 from car_tf.car_state import CARState
 
 
@@ -179,6 +180,21 @@ def test_column_wise_ema_matches_the_dense_recurrence(beta, ema_init):
             np.testing.assert_array_less(np.abs(got[~representable]), 1e-29)
     in_batch = np.mean([np.any(c, axis=0) for c in batches], axis=0)  # share of batches per class
     assert np.mean(in_batch < 0.1) > 0.5  # most classes are absent from most batches
+
+
+def test_matrix_free_products_read_the_ema_in_blocks(monkeypatch):
+    monkeypatch.setattr(car_state, "_BLOCK_VALUES", 7 * 60)  # 7 rows a block, the last one short
+    k, rng = 60, np.random.default_rng(9)
+    state = CARState(k)
+    ids = np.arange(k, dtype=np.int32)
+    state.update_ema(tf.constant(rng.uniform(size=(k, k)), tf.float32), ids, 1.0, 1.0, 1.0)
+    for step in range(3):  # columns of different ages
+        present = rng.choice(k, size=10, replace=False).astype(np.int32)
+        state.update_ema(tf.constant(rng.uniform(size=(10, k)), tf.float32), present, 0.8, 0.2, 1.0)
+    dense = state.ema_matrix().numpy().astype(np.float64)
+    x, y = rng.normal(size=k).astype(np.float32), rng.normal(size=k).astype(np.float32)
+    np.testing.assert_allclose(state.ema_times(x).numpy(), dense @ x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.ema_transpose_times(y).numpy(), dense.T @ y, rtol=1e-5, atol=1e-6)
 
 
 def random_confusion(k, rng, near_identity=False):

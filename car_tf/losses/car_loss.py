@@ -47,8 +47,9 @@ class CARLoss(keras.losses.Loss):
             100: above that the warm-started power iteration is faster and as exact).
         power_iterations: at most this many power-iteration passes over the EMA per step (half
             rounds, A v or A^T u, warm-started from the previous step's vectors).
-        power_tolerance: passes run while one more would raise sigma by more than this fraction (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity
-            confusion matrices included).
+        power_tolerance: passes run while one more would raise sigma by more than this fraction
+            (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity confusion matrices
+            included).
         label_classes: for soft labels, how many of each row's heaviest classes it counts toward.
     """
 
@@ -143,8 +144,8 @@ class CARLoss(keras.losses.Loss):
         The K x K work is forward-only and touches the matrix only where it must: the EMA update
         rescales and adds the batch's columns (O(K * B)), and so do the products A v, A^T u of the
         power iteration's pair; passes over the EMA run only while sigma has not
-        converged to ``power_tolerance``. sigma is a function of this batch's contribution rows through
-        Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the rows
+        converged to ``power_tolerance``. sigma is a function of this batch's contribution rows
+        through Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the rows
         directly: d sigma / d contrib[q, i] = (1 - beta) u_i v_j w_j / max(1, mass_j) for a row of
         true class j (u, v the top singular vectors of A). No K x K gradient is formed.
         """
@@ -275,7 +276,7 @@ def _checked_counts(class_counts):
 
 
 def _checked_labels(y_true, num_classes):
-    """Integer labels, checked to lie in [0, K) before anything indexes by them; soft labels as given.
+    """Integer labels checked to lie in [0, K) before anything indexes by them; soft labels as given.
 
     Under tf.function the check is a data dependency of the returned labels, so it fails with
     this message before a gather or segment sum can fail with its own.
