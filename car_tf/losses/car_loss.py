@@ -1,6 +1,6 @@
 """CARLoss: a base classification loss plus lambda * sigma_max(Cbar diag(w)) (SPEC.md section 1).
 
-Use it with CARCallback, which puts the loss's state (the EMA, the power-iteration vector, lambda)
+Use it with CARCallback, which puts the loss's state (the EMA, the power-iteration vectors, lambda)
 on the model so that checkpoints carry it::
 
     loss = car_tf.CARLoss(class_counts, base="ce", spec_lambda=0.3)
@@ -195,8 +195,8 @@ class CARLoss(keras.losses.Loss):
     def _power_step(self, state, columns, ids, decay, weight, updating):
         """(u, v, sigma) of A = Cbar diag(w) after this step's EMA update, warm-started.
 
-        A v and A^T u follow the EMA's recurrence (the batch's columns only), then passes
-        run while the residual is above the tolerance (none during evaluation).
+        A v and A^T u follow the EMA's recurrence (the batch's columns only), then passes over the
+        EMA run while sigma has not converged to the tolerance (none during evaluation).
         """
         frequency = ops.convert_to_tensor(self.weights)
         u, v = state.power_u, state.power_v
