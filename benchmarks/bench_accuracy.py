@@ -29,7 +29,7 @@ METHOD_FLAGS = {
     "car": ["--method=car"],
     "car_logit_adjusted": ["--method=car", "--base_loss=logit_adjusted"],
     "car_concutmix": ["--method=car", "--concutmix", "--base_loss=logit_adjusted"],
-    "decoupled_reg": ["--method=decoupled_reg"],
+    "decoupled": ["--method=decoupled"],
 }
 # DLSA on a trained run: row name -> base method.
 DLSA_ROWS = {"ce_dlsa": "ce", "car_dlsa": "car"}

@@ -139,7 +139,7 @@ def penalty_rows():
     import numpy as np
     import tensorflow as tf
 
-    from car_tf import spectral
+    from car_tf.car import spectral
 
     rows = []
     rng = np.random.default_rng(1)

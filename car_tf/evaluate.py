@@ -14,11 +14,10 @@ import pathlib
 
 from absl import flags, logging
 
-from car_tf.metrics import confusion_matrix, per_class_report
-from car_tf.predictors import find_run_info, load_predictor, predict_dataset
-from car_tf.report import format_table, write_report
-
-HEADLINE = ("top1", "top5", "many", "medium", "few", "worst_class_accuracy", "worst_class", "worst_10pct_mean")
+from car_tf.data.loading import load_datasets
+from car_tf.evaluation.evaluate import default_output_dir, evaluate
+from car_tf.evaluation.predictors import find_run_info, load_predictor
+from car_tf.evaluation.report import format_table
 
 
 def parse_train_counts(value):
@@ -40,78 +39,8 @@ def parse_train_counts(value):
     return counts
 
 
-def evaluate_split(predictor, dataset, train_counts, class_names, progress=False):
-    """(report dict, confusion counts) of ``predictor`` on a dataset of (images, labels)."""
-    scores, labels = predict_dataset(predictor, dataset, progress=progress)
-    if scores.shape[1] != len(train_counts):
-        raise ValueError(
-            f"the model predicts {scores.shape[1]} classes but the data has {len(train_counts)}; "
-            "evaluate on the data set the model was trained on."
-        )
-    report = per_class_report(scores, labels, train_counts, class_names)
-    return report, confusion_matrix(scores.argmax(-1), labels, len(train_counts))
-
-
-def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, train_dataset=None,
-             progress=False, skipped_test=()):
-    """Evaluates the test split (and the train split if given), writes every output; returns report.json's dict.
-
-    skipped_test: unreadable test files left out of ``test_dataset``, listed in report.json.
-    """
-    if predictor.num_classes != len(class_names):
-        raise ValueError(
-            f"the model has {predictor.num_classes} classes but the data has {len(class_names)}; "
-            "evaluate on the data set the model was trained on."
-        )
-    if len(train_counts) != len(class_names):
-        raise ValueError(
-            f"{len(train_counts)} training counts for {len(class_names)} classes; "
-            "pass one count per class in --train_counts."
-        )
-    report, confusion = evaluate_split(predictor, test_dataset, train_counts, class_names, progress)
-    if train_dataset is not None:
-        train_report, train_confusion = evaluate_split(predictor, train_dataset, train_counts, class_names,
-                                                       progress)
-        write_report(train_report, output_dir, train_confusion, prefix="train_")
-        report["train"] = {k: train_report[k] for k in HEADLINE}
-        report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
-        report["worst_class_ratio"] = (
-            report["worst_class_accuracy"] / train_report["worst_class_accuracy"]
-            if train_report["worst_class_accuracy"] > 0 else None
-        )
-    decoupled = decoupled_report(predictor, test_dataset, train_counts)
-    if decoupled is not None:
-        report["decoupled"] = decoupled
-    if skipped_test:
-        report["skipped_test_images"] = list(skipped_test)
-    write_report(report, output_dir, confusion)
-    return report
-
-
-def decoupled_report(predictor, dataset, train_counts):
-    """Classifier norm, feature norm and target cosine per group (the decoupled loss's analysis).
-
-    Only a Keras model exposes its "features" and "classifier" layers; for SavedModel and ONNX
-    files this returns None.
-    """
-    from car_tf.decoupled_diagnostics import decoupled_quantities
-
-    model = getattr(predictor, "model", None)
-    names = {layer.name for layer in getattr(model, "layers", ())}
-    if not {"features", "classifier"} <= names:
-        return None
-    return decoupled_quantities(model, dataset, train_counts)
-
-
-def default_output_dir(model_path):
-    """MODEL/eval for a run or SavedModel directory, else eval_<file stem> beside the file."""
-    path = pathlib.Path(model_path)
-    return path / "eval" if path.is_dir() else path.parent / f"eval_{path.stem}"
-
-
 def main(argv):
     del argv
-    from car_tf.data import flags as data_flags
     from car_tf.data.pipelines import eval_dataset
 
     FLAGS = flags.FLAGS
@@ -121,7 +50,7 @@ def main(argv):
         FLAGS.image_size = int(predictor.image_size[0])
     if FLAGS.data_recipe == "auto" and run_info.get("recipe"):
         FLAGS.data_recipe = run_info["recipe"]  # evaluate as the model was trained
-    train, test, recipe, image_size = data_flags.datasets_from_flags(FLAGS)
+    train, test, recipe, image_size = load_datasets(FLAGS)
     if FLAGS.train_counts:
         train_counts = parse_train_counts(FLAGS.train_counts)
     else:

@@ -19,7 +19,7 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
     """Exports the run in ``model_dir``; returns the summary also written to ``output_dir/export.json``."""
     import tensorflow as tf
 
-    from car_tf.predictors import RUN_MODEL_FILE, SavedModelPredictor, load_keras_model, read_run_info
+    from car_tf.evaluation.predictors import RUN_MODEL_FILE, SavedModelPredictor, load_keras_model, read_run_info
     from export.onnx_export import check_opset, export_onnx
     from export.parity import check_parity, parity_images
     from export.saved_model import serving_recipe, deployable_model, export_serving_saved_model

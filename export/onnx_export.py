@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import tf2onnx
 
-from car_tf.predictors import OnnxPredictor
+from car_tf.evaluation.predictors import OnnxPredictor
 from export.parity import check_parity
 from export.saved_model import export_plain_saved_model
 

@@ -4,9 +4,9 @@ import keras
 import tensorflow as tf
 
 from car_tf.data.augment import resize_center_crop, resize_to
-from car_tf.data.flags import SMALL_IMAGE_MAX, recipe_for
+from car_tf.data.loading import SMALL_IMAGE_MAX, recipe_for
 from car_tf.data.pipelines import RECIPES
-from car_tf.predictors import inference_model
+from car_tf.evaluation.predictors import inference_model
 
 LOW_PRECISION = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 

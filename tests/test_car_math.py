@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from car_tf import confusion, spectral
-from car_tf import car_state
-from car_tf.car_state import CARState
+from car_tf.car import confusion, spectral
+from car_tf.car import state as car_state
+from car_tf.car.state import CARState
 
 
 def np_softmax(x):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from car_tf.decoupled_diagnostics import DecoupledDiagnostics, decoupled_quantities
-from car_tf.losses.decoupled_margin import DecoupledMarginLoss, additive_angular_margin
+from car_tf.decoupled.diagnostics import DecoupledDiagnostics, decoupled_quantities
+from car_tf.decoupled.margin import DecoupledMarginLoss, additive_angular_margin
 from car_tf.losses.registry import get_base_loss
 from car_tf.models.heads import CosineClassifier
-from car_tf.regularizers import (
+from car_tf.decoupled.terms import (
     FeatureNormPenalty,
     UniformityRegularizer,
     attach_decoupled_terms,

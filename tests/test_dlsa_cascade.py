@@ -241,7 +241,7 @@ def test_cli_writes_a_run_directory_the_harness_reads(tmp_path):
     test_rows = stats["splits"]["test"]
     assert sum(r["total"] for r in test_rows) == 18
     assert sum(r["medium"] for r in test_rows) == 6 and sum(r["few"] for r in test_rows) == 12
-    from car_tf.predictors import load_predictor
+    from car_tf.evaluation.predictors import load_predictor
 
     images = np.stack([np.full((8, 8, 3), 40 + 80 * c, np.float32) for c in range(3)])
     scores = load_predictor(out).predict(images)

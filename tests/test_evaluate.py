@@ -9,10 +9,11 @@ import pytest
 import tensorflow as tf
 
 from car_tf import evaluate as evaluate_module
-from car_tf.evaluation_callback import PerClassEvaluation
-from car_tf.metrics import per_class_report
-from car_tf.predictors import KerasPredictor, ModelNotFoundError, load_predictor, predict_dataset
-from car_tf.report import format_table
+from car_tf.evaluation import evaluate as evaluation_library
+from car_tf.evaluation.callback import PerClassEvaluation
+from car_tf.evaluation.metrics import per_class_report
+from car_tf.evaluation.predictors import KerasPredictor, ModelNotFoundError, load_predictor, predict_dataset
+from car_tf.evaluation.report import format_table
 
 NUM_CLASSES = 4
 TRAIN_COUNTS = [150, 60, 25, 8]
@@ -72,7 +73,7 @@ def test_evaluate_writes_all_outputs_and_train_gap(tmp_path):
     model = _model()
     train_images, train_labels = _data(TRAIN_COUNTS, 2)
     test_images, test_labels = _data([10] * NUM_CLASSES, 3)
-    report = evaluate_module.evaluate(
+    report = evaluation_library.evaluate(
         KerasPredictor(model), _dataset(test_images, test_labels), TRAIN_COUNTS, CLASS_NAMES, tmp_path,
         train_dataset=_dataset(train_images, train_labels),
     )
@@ -131,7 +132,7 @@ def test_wrong_image_size_and_class_count_are_clear(tmp_path):
         predictor.predict(np.zeros((2, 20, 20, 3), np.uint8))
     images, labels = _data([2] * NUM_CLASSES, 5)
     with pytest.raises(ValueError, match="model has 3 classes but the data has 4"):
-        evaluate_module.evaluate(predictor, _dataset(images, labels), TRAIN_COUNTS, CLASS_NAMES, tmp_path)
+        evaluation_library.evaluate(predictor, _dataset(images, labels), TRAIN_COUNTS, CLASS_NAMES, tmp_path)
 
 
 def test_parse_train_counts(tmp_path):

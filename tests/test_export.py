@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from car_tf.evaluate import evaluate
-from car_tf.predictors import OnnxPredictor, SavedModelPredictor, inference_model, load_predictor
+from car_tf.evaluation.evaluate import evaluate
+from car_tf.evaluation.predictors import OnnxPredictor, SavedModelPredictor, inference_model, load_predictor
 from export.__main__ import export_run
 from export.onnx_export import check_opset, convert_to_onnx
 from export.parity import ExportParityError, check_parity

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from car_tf import optimizers
+from car_tf.training import optimizers
 from car_tf import train as train_cli
 from car_tf.models import create_model, ecosystem, features_model
 

@@ -1,9 +1,9 @@
-"""car_tf.metrics against hand-computed values and plain NumPy references."""
+"""car_tf.evaluation.metrics against hand-computed values and plain NumPy references."""
 
 import numpy as np
 import pytest
 
-from car_tf import metrics
+from car_tf.evaluation import metrics
 
 
 def test_confusion_matrix_rows_are_predictions_columns_are_truth():

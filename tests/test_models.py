@@ -28,11 +28,13 @@ def pixels(*shape):
 
 
 def test_registry_lists_every_backbone():
-    assert list_models() == ["resnet32", "resnet50", "resnext50_32x4d", "vit_b16", "vit_s16"]
+    assert list_models() == [
+        "keras_hub", "keras_resnet50", "resnet32", "resnet50", "resnext50_32x4d", "vit_b16", "vit_s16"
+    ]
 
 
 def test_unknown_name_and_bad_arguments_raise_one_clear_sentence():
-    with pytest.raises(ValueError, match="unknown model 'resnet18'; pass one of resnet32, resnet5"):
+    with pytest.raises(ValueError, match="unknown model 'resnet18'; pass one of keras_hub, keras_resnet50, resnet32, resnet5"):
         create_model("resnet18", 10)
     with pytest.raises(ValueError, match="does not take option.*patch_size"):
         create_model("resnet32", 10, patch_size=4)

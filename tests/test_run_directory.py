@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import pytest
 
-from car_tf import checkpointing, run_directory
+from car_tf.training import checkpointing, run_directory
 from car_tf import train as train_cli
+from car_tf.training.callbacks import NaNGuard
 
 from train_helpers import COUNTS, ROOT, parse, tiny_args
 
@@ -216,14 +217,14 @@ def kill_at(monkeypatch, point, epochs_done):
         if point == "after-save" and epochs == epochs_done:
             raise Killed(point)
 
-    guard = train_cli.NaNGuard.on_train_batch_end
+    guard = NaNGuard.on_train_batch_end
 
     def batch_then_die(self, batch, logs=None):
         guard(self, batch, logs)
         if point == "mid-epoch" and self.epoch == epochs_done - 1 and batch == 1:
             raise Killed(point)
 
-    monkeypatch.setattr(train_cli.NaNGuard, "on_train_batch_end", batch_then_die)
+    monkeypatch.setattr(NaNGuard, "on_train_batch_end", batch_then_die)
     monkeypatch.setattr(keras.Model, "save_weights", save_weights_then_die)
     monkeypatch.setattr(checkpointing.os, "replace", replace_then_die)
     monkeypatch.setattr(checkpointing, "save", save_then_die)

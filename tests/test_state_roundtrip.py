@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 
 import car_tf
-from car_tf.car_state import ATTRIBUTE
+from car_tf.car.state import ATTRIBUTE
 from car_tf.concutmix.model import ConCutMixModel
 from car_tf.models import create_model
 from car_tf.models.heads import CosineClassifier
-from car_tf.regularizers import (
+from car_tf.decoupled.terms import (
     FeatureNormPenalty,
     UniformityRegularizer,
     attach_decoupled_terms,

@@ -6,15 +6,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from car_tf import report as report_writers
-from car_tf.evaluation_callback import (
+from car_tf.evaluation import report as report_writers
+from car_tf.evaluation.callback import (
     ACCURACY_TAG,
     CONFUSION_TAG,
     PerClassEvaluation,
     confusion_rows,
 )
-from car_tf.metrics import confusion_matrix, per_class_report
-from car_tf.predictors import KerasPredictor, predict_dataset
+from car_tf.evaluation.metrics import confusion_matrix, per_class_report
+from car_tf.evaluation.predictors import KerasPredictor, predict_dataset
 
 
 def read_images(folder):

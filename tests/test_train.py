@@ -13,26 +13,34 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from car_tf import checkpointing
+from car_tf.training import checkpointing, methods, trainer
 from car_tf import train as train_cli
+from car_tf.training.callbacks import NaNGuard
 from car_tf.models import create_model, ecosystem, list_models
 
 from train_helpers import ROOT, parse, tiny_args
 
 
 @pytest.mark.parametrize("flagfile", sorted((ROOT / "launch").glob("*.flags")), ids=lambda p: p.stem)
-def test_every_shipped_recipe_parses_and_validates(flagfile, monkeypatch):
+def test_every_shipped_recipe_parses_into_a_configuration(flagfile, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    config = parse([f"--flagfile={flagfile}", "--model_dir=/tmp/unused"])
-    assert config.model in list_models()
-    if config.model == "keras_hub":  # a preset keras-hub knows by name
-        assert ecosystem.is_keras_hub_preset(config.pretrained), config.pretrained
-    assert all(0 < int(e) < config.epochs for e in config.lr_decay_epochs) or config.lr_schedule != "step"
-    assert config.warmup_epochs < config.epochs
+    config = train_cli.config_from_flags(parse([f"--flagfile={flagfile}", "--model_dir=/tmp/unused"]))
+    assert config.model.model in list_models()
+    if config.model.model == "keras_hub":  # a preset keras-hub knows by name
+        assert ecosystem.is_keras_hub_preset(config.model.pretrained), config.model.pretrained
+    opt = config.optimizer
+    assert all(0 < e < opt.epochs for e in opt.lr_decay_epochs) or opt.lr_schedule != "step"
+    assert opt.warmup_epochs < opt.epochs
+    active = methods.active_methods(config)
+    base = methods.effective_base_loss(config)
     counts = np.linspace(500, 5, 10).astype(int)
     with tf.distribute.get_strategy().scope():
-        loss = train_cli.build_loss(config, counts)
+        loss = trainer.build_loss(config, active, base, counts)
     assert isinstance(loss, keras.losses.Loss)
+    # The record written to flags.txt parses back into the same configuration.
+    record = tmp_path / "flags.txt"
+    record.write_text("".join(f"{line}\n" for line in config.flag_values().values()))
+    assert train_cli.config_from_flags(parse([f"--flagfile={record}"])) == config
 
 
 def test_missing_data_path_is_one_clear_sentence(tmp_path):
@@ -96,7 +104,7 @@ def test_two_workers_on_loopback_end_with_identical_weights(tiny_folder, tmp_pat
 
 
 def test_nan_loss_stops_with_one_sentence(tmp_path):
-    guard = train_cli.NaNGuard(tmp_path / "checkpoints")
+    guard = NaNGuard(tmp_path / "checkpoints")
     guard.on_epoch_begin(3)
     guard.on_train_batch_end(0, {"loss": 0.7})
     with pytest.raises(FloatingPointError, match=r"became nan at epoch 3, step 5; lower --lr"):

@@ -6,7 +6,7 @@ from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from car_tf.car_state import CarriesCARState
+from car_tf.car.state import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
     checked_counts,

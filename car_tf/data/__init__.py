@@ -1,5 +1,5 @@
 """Long-tailed data: class counts and groups, labelled sources, augmentation, tf.data pipelines."""
-from car_tf.data.flags import datasets_from_flags, define_data_flags, recipe_for
+from car_tf.data.loading import load_datasets, recipe_for
 from car_tf.data.longtail import (
     GROUPS,
     class_counts,
@@ -33,9 +33,8 @@ __all__ = [
     "RECIPES",
     "class_counts",
     "class_groups",
-    "datasets_from_flags",
-    "define_data_flags",
     "eval_dataset",
+    "load_datasets",
     "load_dataset",
     "load_tfds",
     "longtail_counts",

@@ -13,13 +13,14 @@ import pathlib
 from absl import flags, logging
 
 from car_tf import cli
-from car_tf.data.flags import datasets_from_flags, define_data_flags
+from car_tf.data.flags import define_data_flags
+from car_tf.data.loading import load_datasets
 from car_tf.data.pipelines import eval_dataset
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig
 from car_tf.dlsa.fit import DLSAConfig
 from car_tf.dlsa.flow_training import FlowTrainingConfig
 from car_tf.dlsa.run import run_dlsa
-from car_tf.predictors import read_run_info
+from car_tf.evaluation.predictors import read_run_info
 
 define_data_flags()
 flags.DEFINE_string("model_dir", None, "Run directory of the trained base model (run.json, model.keras).")
@@ -111,7 +112,7 @@ def main(argv):
     if not model_file.is_file():
         raise ValueError(f"{model_file} does not exist; finish training the base run first.")
     output_dir = pathlib.Path(FLAGS.output_dir or model_dir / "dlsa")
-    train, test, recipe, image_size = datasets_from_flags(base_run_data_flags(model_dir))
+    train, test, recipe, image_size = load_datasets(base_run_data_flags(model_dir))
     if train.num_classes != int(run_info["num_classes"]):
         raise ValueError(
             f"the data has {train.num_classes} classes but {model_dir} was trained on "

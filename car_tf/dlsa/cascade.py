@@ -18,7 +18,7 @@ import numpy as np
 
 from car_tf.dlsa.flow import MaskedAutoregressiveFlow
 from car_tf.dlsa.flow_training import FlowTrainer, FlowTrainingConfig, flow_log_probs_and_latents
-from car_tf.metrics import GROUP_NAMES, class_groups
+from car_tf.evaluation.metrics import GROUP_NAMES, class_groups
 
 
 @dataclasses.dataclass

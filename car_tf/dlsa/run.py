@@ -5,13 +5,13 @@ The output directory holds
     run.json            the base run's keys, with "method" = "<base method>+dlsa", plus "dlsa"
                         (the configuration) and "base_run"
     model.keras         image -> routed logits: the base model up to its "features" layer, then
-                        ``DLSARoutedClassifier`` (load with ``car_tf.predictors.load_predictor`` or
+                        ``DLSARoutedClassifier`` (load with ``car_tf.evaluation.predictors.load_predictor`` or
                         ``keras.saving.load_model`` after ``import car_tf.dlsa``)
     dlsa_head.keras     the routed stack alone: features [B, D] -> logits
     routing_stats.json  per split (fit, validation, test) and stage: images of each many / medium /
                         few group it takes, plus the thresholds and keep fraction
     history.json        per-epoch losses of every flow and classifier, and each classifier's kept epoch
-    report.json, per_class.csv, *.png   the per-class test report (car_tf.report)
+    report.json, per_class.csv, *.png   the per-class test report (car_tf.evaluation.report)
     features/{train,test}.npz           the feature caches (car_tf.dlsa.features)
 """
 
@@ -23,11 +23,11 @@ import keras
 import numpy as np
 
 import car_tf.models  # noqa: F401  (registers the backbones' layers before loading a model)
-from car_tf import metrics, report
+from car_tf.evaluation import metrics, report
 from car_tf.dlsa import cascade
 from car_tf.dlsa.features import extract_features, feature_extractor
 from car_tf.dlsa.fit import fit_dlsa
-from car_tf.predictors import inference_model
+from car_tf.evaluation.predictors import inference_model
 
 
 def _write_json(path, value):

@@ -1,18 +1,14 @@
-"""Classification losses: the base losses by name and CARLoss around any of them."""
+"""Baseline classification losses by name (CE, LDAM-DRW, logit adjustment / Balanced Softmax)."""
 
-from car_tf.losses.car_loss import CARLoss
 from car_tf.losses.cross_entropy import CrossEntropy
-from car_tf.losses.decoupled_margin import DecoupledMarginLoss
 from car_tf.losses.ldam import DRWSchedule, LDAMLoss, drw_class_weights
 from car_tf.losses.logit_adjusted import LogitAdjustedLoss
 from car_tf.losses.registry import BASE_LOSSES, callbacks_for_loss, get_base_loss
 
 __all__ = [
     "BASE_LOSSES",
-    "CARLoss",
     "CrossEntropy",
     "DRWSchedule",
-    "DecoupledMarginLoss",
     "LDAMLoss",
     "LogitAdjustedLoss",
     "callbacks_for_loss",

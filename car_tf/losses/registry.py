@@ -1,8 +1,8 @@
 """Base losses by name, and the callbacks a loss needs during training.
 
-"decoupled_reg" gives the margin term only; the model also needs the uniformity and feature-norm
-terms from car_tf.regularizers.attach_decoupled_terms and a cosine classifier whose scale equals
-the loss's ``scale``.
+"decoupled" (alias "decoupled_reg") is the decoupled method's margin term (car_tf.decoupled): the
+model also needs the uniformity and feature-norm terms from ``attach_decoupled_terms`` and a
+cosine classifier whose scale equals the loss's ``scale``.
 """
 
 import inspect
@@ -10,11 +10,12 @@ import inspect
 import keras
 
 from car_tf.losses.cross_entropy import CrossEntropy
-from car_tf.losses.decoupled_margin import DecoupledMarginLoss
 from car_tf.losses.ldam import DRWSchedule, LDAMLoss
 from car_tf.losses.logit_adjusted import LogitAdjustedLoss
 
-BASE_LOSSES = ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax", "decoupled_reg")
+BASE_LOSSES = ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax", "decoupled")
+# Former names still accepted.
+ALIASES = {"decoupled_reg": "decoupled"}
 
 # DRW starts at epoch 160 of 200 in the CIFAR-LT recipe; other run lengths keep the fraction.
 DRW_START_FRACTION = 0.8
@@ -36,9 +37,10 @@ def _build(cls, fixed, kwargs):
 def get_base_loss(name, class_counts, **kwargs):
     """The base loss called ``name`` (one of BASE_LOSSES), built with ``kwargs``.
 
-    "balanced_softmax" is LogitAdjustedLoss with tau fixed at 1; "ce" and "decoupled_reg" ignore
+    "balanced_softmax" is LogitAdjustedLoss with tau fixed at 1; "ce" and "decoupled" ignore
     class_counts.
     """
+    name = ALIASES.get(name, name)
     if name == "ce":
         return _build(CrossEntropy, {}, kwargs)
     if name == "ldam_drw":
@@ -47,7 +49,9 @@ def get_base_loss(name, class_counts, **kwargs):
         return _build(LogitAdjustedLoss, {"class_counts": class_counts}, kwargs)
     if name == "balanced_softmax":
         return _build(LogitAdjustedLoss, {"class_counts": class_counts, "tau": 1.0}, kwargs)
-    if name == "decoupled_reg":
+    if name == "decoupled":
+        from car_tf.decoupled.margin import DecoupledMarginLoss
+
         return _build(DecoupledMarginLoss, {}, kwargs)
     raise ValueError(f"base loss {name!r} is not known; use one of {BASE_LOSSES}.")
 
@@ -68,3 +72,11 @@ def callbacks_for_loss(loss, epochs):
 def drw_start_epoch(epochs):
     """First re-weighted epoch of LDAM-DRW in a run of ``epochs`` epochs (160 of 200)."""
     return round(DRW_START_FRACTION * epochs)
+
+
+def required_head(name):
+    """(head, scale) the base loss ``name`` needs on the classifier, or None for any head.
+
+    LDAM, as released, takes plain cosines (scale 1) and applies its own scale.
+    """
+    return ("cosine", 1.0) if ALIASES.get(name, name) == "ldam_drw" else None

@@ -18,7 +18,7 @@ RUN_MODEL_FILE = "model.keras"
 SERIALIZABLE_MODULES = (
     "car_tf",
     "car_tf.models",
-    "car_tf.regularizers",
+    "car_tf.decoupled.terms",
     "car_tf.concutmix.model",
     "car_tf.dlsa",
 )

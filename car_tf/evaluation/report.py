@@ -1,4 +1,4 @@
-"""Writers for a ``car_tf.metrics.per_class_report`` dict: JSON, CSV, PNG plots and a text table."""
+"""Writers for a ``car_tf.evaluation.metrics.per_class_report`` dict: JSON, CSV, PNG plots and a text table."""
 
 import csv
 import json
@@ -74,7 +74,7 @@ def worst_classes(report, count):
 def confusion_figure(confusion, class_names, rows=None, title="P(predicted | true)"):
     """Heatmap of the confusion normalised per true class: row j is P(predicted | true j).
 
-    ``confusion`` is the count matrix of car_tf.metrics (rows predicted, columns true); the figure
+    ``confusion`` is the count matrix of car_tf.evaluation.metrics (rows predicted, columns true); the figure
     shows its transpose, one row per true class. ``rows``: the true classes to show, in order
     (e.g. the worst ones); all by default. Class names label every axis of at most 30 classes.
     """

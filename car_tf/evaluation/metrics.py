@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from car_tf.confusion import frequency_weights
+from car_tf.car.confusion import frequency_weights
 
 # Training-count groups of the long-tailed literature: many > 100, medium 20..100, few < 20.
 MANY_SHOT_MIN = 100
@@ -102,7 +102,7 @@ def confusion_spectral_norm(confusion, weights=None):
 
 
 def car_weights(train_counts, r0=0.2, count_based=False):
-    """CAR's frequency weights (``car_tf.confusion.frequency_weights``) as a NumPy array."""
+    """CAR's frequency weights (``car_tf.car.confusion.frequency_weights``) as a NumPy array."""
     return np.asarray(frequency_weights(np.asarray(train_counts, np.float32), r0, count_based))
 
 
@@ -165,7 +165,7 @@ def per_class_report(
       labels: [N] integer class ids in [0, K).
       train_counts: [K] training images per class (groups and CAR's frequency weights).
       class_names: optional [K] names; defaults to the class ids as strings.
-      r0, count_based: frequency-weight options, as in ``car_tf.confusion.frequency_weights``.
+      r0, count_based: frequency-weight options, as in ``car_tf.car.confusion.frequency_weights``.
       num_bins: confidence bins of the calibration error and reliability diagram.
     """
     scores = np.asarray(probs_or_logits, dtype=np.float64)

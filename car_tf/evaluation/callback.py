@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from car_tf import report as report_writers
-from car_tf.metrics import confusion_matrix, per_class_report
-from car_tf.predictors import KerasPredictor, predict_dataset
+from car_tf.evaluation import report as report_writers
+from car_tf.evaluation.metrics import confusion_matrix, per_class_report
+from car_tf.evaluation.predictors import KerasPredictor, predict_dataset
 
 # Report entries copied into Keras ``logs`` as "val_<name>" (None values, i.e. empty groups, are skipped).
 LOGGED_METRICS = (

@@ -1,4 +1,4 @@
-"""Choosing a tf.distribute strategy by name."""
+"""The one module that talks to tf.distribute: strategies by name, the cluster, determinism."""
 
 import json
 import os
@@ -33,6 +33,11 @@ def make_strategy(name="auto"):
             )
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"--strategy={name!r} is not known; use one of {', '.join(STRATEGIES)}.")
+
+
+def enable_determinism():
+    """Deterministic TensorFlow kernels (slower on GPUs; runs and resumes repeat exactly)."""
+    tf.config.experimental.enable_op_determinism()
 
 
 def _tf_config():

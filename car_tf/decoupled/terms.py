@@ -3,7 +3,7 @@
 What follows the paper: its abstract decouples the logit w_c . x = |w_c| |x| cos(theta_c) and
 answers three problems with three terms: hyperspherical uniformity of the classifier vectors
 (imbalanced angle distribution), an additive angular margin (weak feature discrimination; see
-car_tf.losses.decoupled_margin) and feature-norm regularisation (low feature norm). What is chosen
+car_tf.decoupled.margin) and feature-norm regularisation (low feature norm). What is chosen
 here: the paper's formulas, weights and defaults could not be read, so the terms take canonical
 forms, each weight exposed:
 
@@ -16,7 +16,7 @@ forms, each weight exposed:
 
 Defaults, car_tf's choice rather than the paper's: uniformity weight 0.1, feature-norm weight 0.01,
 target norm 10 (a scale-dependent choice: set it near the head classes' mean feature norm, which
-car_tf.decoupled_diagnostics reports). The uniformity term builds K x K pairwise matrices, fine for
+car_tf.decoupled.diagnostics reports). The uniformity term builds K x K pairwise matrices, fine for
 K up to a few thousand classes.
 
 Both terms reach the gradient through Keras's own loss collection: the uniformity term is the

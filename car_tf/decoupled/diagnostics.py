@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from car_tf.metrics import GROUP_NAMES, class_groups
+from car_tf.evaluation.metrics import GROUP_NAMES, class_groups
 
 
 def _labels_of(y):

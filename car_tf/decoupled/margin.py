@@ -6,7 +6,7 @@ norm), each answered by one term: hyperspherical uniformity of the classifier ve
 additive angular margin, and feature-norm regularisation. What is chosen here: the paper's
 formulas, weights and defaults could not be read, so each term takes its canonical form. This
 module is the margin term in ArcFace's form (Deng et al. 2019); the other two terms live in
-car_tf.regularizers (``attach_decoupled_terms``).
+car_tf.decoupled.terms (``attach_decoupled_terms``).
 
 The loss expects logits from a cosine classifier, logits = scale * cos(theta), with the same
 ``scale`` as the classifier. It recovers cos(theta), clips it to [-1 + eps, 1 - eps] so that

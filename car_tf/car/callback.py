@@ -3,8 +3,8 @@
 import keras
 import tensorflow as tf
 
-from car_tf.car_state import attach_car_state
-from car_tf.losses.car_loss import CARLoss
+from car_tf.car.state import attach_car_state
+from car_tf.car.loss import CARLoss
 
 
 class CARCallback(keras.callbacks.Callback):

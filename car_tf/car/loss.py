@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras import ops
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
-from car_tf import confusion, spectral
+from car_tf.car import confusion, spectral
 from car_tf.losses.registry import get_base_loss
 
 EMA_INITS = ("first_batch", "zeros")

@@ -1,0 +1,165 @@
+"""The configuration of a training run: typed dataclasses, one per concern, with defaults.
+
+Field names are the command-line flags of ``python -m car_tf.train`` (README, "Training"), so a
+run's record (``flags.txt``) is written from the configuration itself and can be rerun as a
+flagfile. A method's own settings live with the method (``car_tf/<method>/method.py``); the
+configuration holds them under ``methods`` by method name.
+"""
+
+import dataclasses
+
+from car_tf.losses.registry import ALIASES, BASE_LOSSES
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the run lives and how it executes."""
+
+    model_dir: str
+    seed: int = 0
+    deterministic: bool = False
+    strategy: str = "auto"
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    eval_on_train: bool = False
+    verbose: bool = True
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The data set and its pipeline (car_tf.data.loading.load_datasets)."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    train_list: str | None = None
+    test_list: str | None = None
+    imbalance_factor: float | None = None
+    lt_profile: str = "exp"
+    image_size: int = 0
+    data_recipe: str = "auto"
+    skip_corrupt: bool = False
+    randaugment: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The backbone, its head and the weights it starts from (car_tf.models.create_model)."""
+
+    model: str = "resnet32"
+    head: str = "linear"
+    cosine_scale: float = 30.0
+    patch_size: int = 0
+    pretrained: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer, learning-rate schedule and fine-tuning controls."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    lr_schedule: str = "step"
+    warmup_epochs: int = 5
+    lr_decay_epochs: tuple = (160, 180)
+    lr_decay_factor: float = 0.1
+    freeze_backbone_epochs: int = 0
+    backbone_lr_multiplier: float = 1.0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"--epochs={self.epochs} and --batch_size={self.batch_size} must both be at least 1."
+            )
+        if self.warmup_epochs < 0 or self.freeze_backbone_epochs < 0 or self.backbone_lr_multiplier < 0:
+            raise ValueError(
+                "--warmup_epochs, --freeze_backbone_epochs and --backbone_lr_multiplier must not be "
+                "negative."
+            )
+        object.__setattr__(self, "lr_decay_epochs", tuple(int(e) for e in self.lr_decay_epochs))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaseLossConfig:
+    """The base loss and its options (car_tf.losses)."""
+
+    base_loss: str = "ce"
+    la_tau: float = 1.0
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+
+    def __post_init__(self):
+        name = ALIASES.get(self.base_loss, self.base_loss)
+        if name not in BASE_LOSSES:
+            raise ValueError(f"--base_loss={self.base_loss!r} is not known; use one of {', '.join(BASE_LOSSES)}.")
+        object.__setattr__(self, "base_loss", name)
+
+    def options(self, cosine_scale, method_options=None):
+        """Keyword options of the base loss (the decoupled loss takes its margin from its method)."""
+        return {
+            "ldam_drw": {"max_margin": self.ldam_max_margin, "scale": self.ldam_scale},
+            "logit_adjusted": {"tau": self.la_tau},
+            "decoupled": {"scale": cosine_scale, **(method_options or {})},
+        }.get(self.base_loss, {})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodChoice:
+    """Which method trains: a base loss name, or "car" (CAR on --base_loss), "concutmix" or
+    "decoupled" (alias "decoupled_reg"); ``concutmix`` adds the ConCutMix stage to any of them."""
+
+    method: str = "ce"
+    concutmix: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything ``car_tf.training.trainer.train`` needs.
+
+    ``settings`` maps every registered method's name (car_tf.training.methods) to its
+    configuration dataclass; ``choice`` says which of them the run uses.
+    """
+
+    run: RunConfig
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: BaseLossConfig = BaseLossConfig()
+    choice: MethodChoice = MethodChoice()
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    def sections(self):
+        """The configuration's dataclasses: its own sections, then the methods' settings."""
+        return [self.run, self.data, self.model, self.optimizer, self.loss, self.choice, *self.settings.values()]
+
+    def flag_values(self):
+        """{field name: "--name=value"} over every section: the run's record, a flagfile's lines."""
+        return {
+            field.name: serialized
+            for section in self.sections()
+            for field in dataclasses.fields(section)
+            if (serialized := _flag(field.name, getattr(section, field.name))) is not None
+        }
+
+
+def _flag(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, (tuple, list)):
+        return f"--{name}={','.join(str(v) for v in value)}"
+    return f"--{name}={value}"
+
+
+def section_from(cls, values, **overrides):
+    """``cls`` built from the attributes of ``values`` named like its fields (absl FLAGS, say)."""
+    fields = {f.name: getattr(values, f.name) for f in dataclasses.fields(cls) if hasattr(values, f.name)}
+    return cls(**{**fields, **overrides})

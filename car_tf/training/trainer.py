@@ -1,0 +1,313 @@
+"""``train(config) -> report``: runs (or resumes) one training run in its run directory.
+
+The trainer builds the data, model, loss, optimizer and callbacks every run has, and lets the
+run's active methods (car_tf.training.methods) add theirs; it knows no method by name. The run
+directory is the run's record (car_tf.training.run_directory): the configuration is compared with
+it before anything is written.
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+from car_tf.data import pipelines
+from car_tf.data.loading import load_datasets
+from car_tf.evaluation.callback import PerClassEvaluation
+from car_tf.evaluation.metrics import per_class_report
+from car_tf.evaluation.predictors import KerasPredictor, predict_dataset
+from car_tf.evaluation.report import format_table, write_report
+from car_tf.losses.registry import callbacks_for_loss, drw_start_epoch, get_base_loss, required_head
+from car_tf.models import create_model
+from car_tf.training import checkpointing, distribute, methods, optimizers, run_directory, schedules
+from car_tf.training.callbacks import NaNGuard
+
+
+def build_schedule(config, steps_per_epoch, epochs):
+    """The learning rate of each step of a run of ``epochs`` epochs."""
+    opt = config.optimizer
+    return schedules.WarmupSchedule(
+        opt.lr,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=opt.warmup_epochs * steps_per_epoch,
+        kind=opt.lr_schedule,
+        decay_steps=[e * steps_per_epoch for e in opt.lr_decay_epochs],
+        decay_factor=opt.lr_decay_factor,
+    )
+
+
+def build_optimizer(config, steps_per_epoch, classifier):
+    """The run's optimizer; with fine-tuning controls, one that treats the backbone apart."""
+    opt = config.optimizer
+    schedule = build_schedule(config, steps_per_epoch, opt.epochs)
+    if opt.freeze_backbone_epochs or opt.backbone_lr_multiplier != 1.0:
+        fine_tuning = dict(
+            backbone_variables=optimizers.backbone_variable_paths(classifier),
+            backbone_lr_multiplier=opt.backbone_lr_multiplier,
+            freeze_steps=opt.freeze_backbone_epochs * steps_per_epoch,
+            weight_decay=opt.weight_decay,
+        )
+        if opt.optimizer == "adamw":
+            return optimizers.FineTuningAdamW(schedule, **fine_tuning)
+        return optimizers.FineTuningSGD(schedule, momentum=opt.momentum, **fine_tuning)
+    if opt.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=opt.weight_decay)
+    return keras.optimizers.SGD(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def classifier_head(config, active, base_loss):
+    """(head, scale): the configured head, unless a method or the base loss needs another."""
+    for method, _ in active:
+        if (needed := method.classifier_head(config)) is not None:
+            return needed
+    return required_head(base_loss) or (config.model.head, config.model.cosine_scale)
+
+
+def build_classifier(config, active, base_loss, num_classes, image_size):
+    head, scale = classifier_head(config, active, base_loss)
+    if head != config.model.head:
+        logging.info("This method needs a %s classifier (scale %s): using it.", head, scale)
+    options = {"patch_size": config.model.patch_size} if config.model.patch_size else {}
+    classifier = create_model(
+        config.model.model,
+        num_classes,
+        input_shape=(image_size, image_size, 3),
+        head=head,
+        cosine_scale=scale,
+        weights=config.model.pretrained,
+        **options,
+    )
+    for method, settings in active:
+        classifier = method.wrap_classifier(settings, classifier)
+    return classifier
+
+
+def build_loss(config, active, base_loss, counts):
+    """The compiled loss: the base loss, wrapped by the active methods (CARLoss, say)."""
+    options = config.loss.options(config.model.cosine_scale)
+    for method, settings in active:
+        options.update(method.base_loss_options(settings))
+    loss = get_base_loss(base_loss, counts, **options)
+    for method, settings in active:
+        loss = method.wrap_loss(settings, loss, counts, base_loss, options)
+    return loss
+
+
+def done_epochs_unchanged(config, base_loss, stored_epochs, steps, epochs_done):
+    """True when epochs 0 .. epochs_done - 1 see the same schedule in a run of the configured length.
+
+    The learning rate of every step already taken, and LDAM-DRW's re-weighting, must not depend on
+    the run's length: true of step and constant schedules, not of a cosine one.
+    """
+    taken = np.arange(epochs_done * steps)
+    old = np.asarray(build_schedule(config, steps, stored_epochs)(taken))
+    new = np.asarray(build_schedule(config, steps, config.optimizer.epochs)(taken))
+    if not np.array_equal(old, new):
+        return False
+    if base_loss == "ldam_drw":
+        epochs = config.optimizer.epochs
+        return min(drw_start_epoch(stored_epochs), epochs_done) == min(drw_start_epoch(epochs), epochs_done)
+    return True
+
+
+def check_extension(config, base_loss, run_dir, stored, steps, epochs_done):
+    """Refuses a larger --epochs that would change the epochs already trained; returns the stored epochs."""
+    stored_epochs = int(stored["epochs"].split("=", 1)[1])
+    current = config.flag_values()
+    if config.optimizer.epochs < max(stored_epochs, epochs_done):
+        raise run_directory.conflict(run_dir, stored, current, ["epochs"], ": a run cannot be shortened")
+    if not done_epochs_unchanged(config, base_loss, stored_epochs, steps, epochs_done):
+        reason = (
+            f": a longer run would change the schedule of the {epochs_done} epochs already trained "
+            f"(--lr_schedule={config.optimizer.lr_schedule}"
+            f"{', LDAM-DRW re-weighting' if base_loss == 'ldam_drw' else ''})"
+        )
+        raise run_directory.conflict(run_dir, stored, current, ["epochs"], reason)
+    return stored_epochs
+
+
+def write_run_files(run_dir, config, base_loss, train, recipe, image_size, classifier, extended_from=()):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    normalization = classifier.get_layer("pixel_normalization").get_config()
+    info = {
+        "model": config.model.model,
+        "num_classes": train.num_classes,
+        "class_names": list(train.class_names),
+        "train_counts": [int(c) for c in train.counts()],
+        "image_size": image_size,
+        "recipe": recipe,
+        "dataset": config.data.dataset,
+        "method": config.choice.method,
+        "base_loss": base_loss,
+        "methods": [method.name for method, _ in methods.active_methods(config)],
+        "epochs": config.optimizer.epochs,
+        "epochs_extended_from": list(extended_from),
+        "pretrained": config.model.pretrained,
+        # Inside the model, so evaluation and export apply it too; recorded for the reader.
+        "pixel_normalization": {k: normalization[k] for k in ("mean", "std", "scale", "channel_order")},
+    }
+    run_directory.write_atomically(run_dir / run_directory.RUN_FILE, json.dumps(info, indent=1))
+    # Written last: a directory with flags.txt holds a complete record.
+    record = {k: v for k, v in config.flag_values().items() if k not in run_directory.UNRECORDED_FLAGS}
+    run_directory.write_atomically(run_dir / run_directory.FLAGS_FILE, run_directory.flagfile_text(record))
+
+
+def finished_report(run_dir, epochs_done, epochs):
+    """The stored report of a run that has finished its epochs, else None."""
+    path = run_dir / "report.json"
+    if epochs_done < epochs or not path.is_file() or not (run_dir / "model.keras").is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def trim_logs_to(write_dir, epochs_done):
+    """Drops per-epoch records past the checkpoint (a run killed after logging, before saving)."""
+    history = write_dir / "history.csv"
+    if history.is_file():
+        lines = history.read_text().splitlines(keepends=True)
+        history.write_text("".join(lines[: 1 + epochs_done]))
+    for record in (write_dir / "metrics").glob("epoch_*.json"):
+        if int(record.stem.split("_")[1]) > epochs_done:
+            record.unlink()
+
+
+def train(config):
+    """Runs (or resumes) the training ``config`` (a TrainConfig) describes; returns the test report."""
+    run = config.run
+    run_dir = pathlib.Path(run.model_dir)
+    chief = distribute.is_chief()
+    if run.overwrite and chief:
+        run_directory.start_over(run_dir)
+    active = methods.active_methods(config)
+    base_loss = methods.effective_base_loss(config)
+    current = config.flag_values()
+    stored = run_directory.read_flagfile(run_dir)
+    differing = []
+    if stored is not None:  # refuse a different experiment before loading any data
+        differing = run_directory.differing_flags(stored, current)
+        if set(differing) - {"epochs"}:
+            raise run_directory.conflict(run_dir, stored, current, differing)
+    strategy = distribute.make_strategy(run.strategy)  # first: collectives need a fresh runtime
+    if run.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(run.mixed_precision)
+    if run.deterministic:
+        distribute.enable_determinism()
+    keras.utils.set_random_seed(run.seed)
+    write_dir = run_dir if chief else run_dir / "workers" / str(distribute.task_index())
+    checkpoint_dir = write_dir / "checkpoints"
+
+    train_data, test_data, recipe, image_size = load_datasets(config.data)
+    counts = train_data.counts()
+    batch_size, epochs = config.optimizer.batch_size, config.optimizer.epochs
+    steps = pipelines.steps_per_epoch(train_data, batch_size)
+    epochs_done = checkpointing.latest_epoch(checkpoint_dir)
+    extended_from = []
+    if stored is not None:
+        info = run_directory.read_run_info(run_dir)
+        run_directory.check_same_data(run_dir, info, train_data.class_names, counts)
+        if differing:  # only --epochs
+            stored_epochs = check_extension(config, base_loss, run_dir, stored, steps, epochs_done)
+            extended_from = [*(info or {}).get("epochs_extended_from", []), stored_epochs]
+            logging.info("Extending %s from %d to %d epochs.", run_dir, stored_epochs, epochs)
+        report = finished_report(write_dir, epochs_done, epochs)
+        if report is not None:
+            print(f"{run_dir} already finished its {epochs} epochs; its report:")
+            print(format_table(report))
+            return report
+
+    with strategy.scope():
+        classifier = build_classifier(config, active, base_loss, train_data.num_classes, image_size)
+        loss = build_loss(config, active, base_loss, counts)
+        model = classifier
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
+        for method, settings in active:
+            model = method.wrap_model(settings, model, classifier, counts)
+            wanted = method.compile_metrics(settings)
+            metrics = metrics if wanted is None else wanted
+        model.compile(
+            optimizer=build_optimizer(config, steps, classifier),
+            loss=loss,
+            metrics=metrics or None,
+            jit_compile=run.jit_compile,
+        )
+        callbacks = [c for method, settings in active for c in method.attach(settings, model, loss)]
+        model.optimizer.build(model.trainable_variables)
+    if chief and (stored is None or differing):
+        write_run_files(run_dir, config, base_loss, train_data, recipe, image_size, classifier, extended_from)
+    initial_epoch = checkpointing.restore(model, checkpoint_dir)
+    if initial_epoch:
+        logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)
+    trim_logs_to(write_dir, initial_epoch)
+
+    stream = dict(
+        recipe=recipe,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=run.seed,
+        start_epoch=initial_epoch,
+        epochs=epochs,
+        randaugment=config.data.randaugment,
+        skip_corrupt=config.data.skip_corrupt,
+    )
+    train_ds = None
+    for method, settings in active:
+        train_ds = method.training_stream(settings, train_data, stream) or train_ds
+    train_ds = train_ds or pipelines.train_dataset(train_data, **stream)
+    test_ds = pipelines.eval_dataset(test_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+    distribute.prepare_for_multi_worker(model, strategy, train_ds)
+    callbacks += callbacks_for_loss(loss, epochs)
+    callbacks += [c for method, settings in active for c in method.callbacks(settings, test_ds, counts)]
+    evaluation = PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train_data.class_names)
+    callbacks += [
+        evaluation,
+        NaNGuard(checkpoint_dir),
+        keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(write_dir / "tb")),
+        # Last: an epoch's records are complete before its checkpoint makes it count as done.
+        checkpointing.EpochCheckpoint(checkpoint_dir),
+    ]
+    start = time.time()
+    if initial_epoch < epochs:
+        model.fit(
+            train_ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            shuffle=False,  # the stream is already shuffled, deterministically per epoch
+            verbose=(1 if sys.stdout.isatty() else 2) if run.verbose else 0,  # bar on a terminal
+        )
+    logging.info("Training took %.1f s.", time.time() - start)
+    # The last epoch's evaluation already scored the final weights; a resumed, finished run has none.
+    return finish(config, active, classifier, train_data, test_data, test_ds, recipe, image_size, write_dir,
+                  evaluation.last_report)
+
+
+def finish(config, active, classifier, train_data, test_data, test_ds, recipe, image_size, write_dir, report=None):
+    """Saves the plain classifier and writes the final per-class report (computed if not given).
+
+    Unreadable test files that --skip_corrupt left out are listed in report.json.
+    """
+    serving = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)
+    serving.save(str(write_dir / "model.keras"))
+    counts = train_data.counts()
+    predictor = KerasPredictor(serving)
+    if report is None:
+        report = per_class_report(*predict_dataset(predictor, test_ds), counts, train_data.class_names)
+    for method, settings in active:
+        report.update(method.report(settings, predictor, test_ds, counts))
+    if config.run.eval_on_train:
+        batch_size = config.optimizer.batch_size
+        train_ds = pipelines.eval_dataset(train_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+        train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train_data.class_names)
+        report["train"] = {k: train_report[k] for k in ("top1", "worst_class_accuracy", "many", "medium", "few")}
+        report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
+    if test_data.skipped:
+        report["skipped_test_images"] = list(test_data.skipped)
+    write_report(report, write_dir)
+    print(format_table(report))
+    return report
