@@ -32,11 +32,6 @@ def test_top_k_accuracy_matches_sorting():
         assert metrics.top_k_accuracy(scores, labels, k) == pytest.approx(expected)
 
 
-def test_class_groups_boundaries():
-    groups = metrics.class_groups([1000, 101, 100, 20, 19, 1])
-    assert list(groups) == ["many", "many", "medium", "medium", "few", "few"]
-
-
 def test_group_worst_and_worst_fraction():
     accuracy = np.array([0.9, 0.8, 0.5, np.nan, 0.1, 0.3] + [1.0] * 14)
     counts = [500, 200, 50, 30, 5, 3] + [150] * 14

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from car_tf.evaluation.metrics import GROUP_NAMES, class_groups
+from car_tf.data.longtail import GROUPS, class_groups
 
 
 def _labels_of(y):
@@ -70,7 +70,7 @@ def decoupled_quantities(model, dataset, class_counts, extractor=None):
         samples += np.bincount(labels, minlength=counts.size)
     groups = class_groups(counts)
     result = {}
-    for group in GROUP_NAMES:
+    for group in GROUPS:
         members = groups == group
         if not members.any():
             continue

@@ -16,9 +16,9 @@ import dataclasses
 
 import numpy as np
 
+from car_tf.data.longtail import GROUPS, class_groups
 from car_tf.dlsa.flow import MaskedAutoregressiveFlow
 from car_tf.dlsa.flow_training import FlowTrainer, FlowTrainingConfig, flow_log_probs_and_latents
-from car_tf.evaluation.metrics import GROUP_NAMES, class_groups
 
 
 @dataclasses.dataclass
@@ -149,7 +149,7 @@ def routing_statistics(stage_ids, labels, train_counts, depth):
     for s in range(depth + 1):
         taken = stage_ids == s
         row = {"stage": s, "classifier": "final" if s == depth else "filtered"}
-        row.update({name: int(np.sum(taken & (groups == name))) for name in GROUP_NAMES})
+        row.update({name: int(np.sum(taken & (groups == name))) for name in GROUPS})
         row["total"] = int(taken.sum())
         rows.append(row)
     return rows

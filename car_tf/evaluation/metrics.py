@@ -11,11 +11,7 @@ import math
 import numpy as np
 
 from car_tf.car.confusion import frequency_weights
-
-# Training-count groups of the long-tailed literature: many > 100, medium 20..100, few < 20.
-MANY_SHOT_MIN = 100
-FEW_SHOT_MAX = 20
-GROUP_NAMES = ("many", "medium", "few")
+from car_tf.data.longtail import GROUPS, class_groups
 
 
 def to_probabilities(scores):
@@ -52,14 +48,6 @@ def top_k_accuracy(scores, labels, k):
     return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=-1)))
 
 
-def class_groups(train_counts):
-    """Group name ("many", "medium", "few") of every class from its training count."""
-    counts = np.asarray(train_counts)
-    return np.where(
-        counts > MANY_SHOT_MIN, "many", np.where(counts >= FEW_SHOT_MAX, "medium", "few")
-    )
-
-
 def _nan_mean(values):
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
@@ -69,7 +57,7 @@ def _nan_mean(values):
 def group_accuracies(accuracy, train_counts):
     """Mean per-class accuracy of the many / medium / few groups (None for an empty group)."""
     groups = class_groups(train_counts)
-    return {name: _nan_mean(accuracy[groups == name]) for name in GROUP_NAMES}
+    return {name: _nan_mean(accuracy[groups == name]) for name in GROUPS}
 
 
 def worst_class_accuracy(accuracy):
@@ -190,7 +178,7 @@ def per_class_report(
         "top5": top_k_accuracy(scores, labels, 5),
         "mean_class_accuracy": _nan_mean(accuracy),
         **group_accuracies(accuracy, train_counts),
-        "group_sizes": {name: int(np.sum(groups == name)) for name in GROUP_NAMES},
+        "group_sizes": {name: int(np.sum(groups == name)) for name in GROUPS},
         "worst_class_accuracy": worst_class_accuracy(accuracy),
         "worst_class": names[worst],
         "worst_10pct_mean": worst_fraction_mean(accuracy, 0.1),
