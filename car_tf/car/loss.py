@@ -21,6 +21,7 @@ from keras import ops
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 from car_tf.car import confusion, spectral
+from car_tf.losses.cross_entropy import checked_class_counts
 from car_tf.losses.registry import get_base_loss
 
 EMA_INITS = ("first_batch", "zeros")
@@ -75,7 +76,7 @@ class CARLoss(keras.losses.Loss):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        counts = _checked_counts(class_counts)
+        counts = checked_class_counts(class_counts)
         if not spec_lambda >= 0.0:  # also refuses NaN
             raise ValueError(
                 f"spec_lambda={spec_lambda} must be a number >= 0; use 0.3 (the released default)."
@@ -250,29 +251,6 @@ class CARLoss(keras.losses.Loss):
         if isinstance(config.get("base"), dict):
             config = {**config, "base": keras.saving.deserialize_keras_object(config["base"])}
         return cls(**config)
-
-
-def _checked_counts(class_counts):
-    """class_counts as int64 [K]: whole, finite, positive numbers for at least 2 classes."""
-    raw = np.asarray(class_counts, dtype=np.float64).reshape(-1)
-    if raw.size < 2:
-        raise ValueError(
-            f"class_counts has {raw.size} class(es); CAR needs the training counts of at least 2 "
-            "classes."
-        )
-    bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
-    if bad.size:
-        raise ValueError(
-            f"class_counts must be whole numbers, but class {bad[0]} has {raw[bad[0]]}; pass the "
-            "number of training images of each class."
-        )
-    bad = np.flatnonzero(raw <= 0)
-    if bad.size:
-        raise ValueError(
-            f"class_counts must hold a positive training count for each class, but classes "
-            f"{bad.tolist()} have none; drop those classes or fix the counts."
-        )
-    return raw.astype(np.int64)
 
 
 def _checked_labels(y_true, num_classes):

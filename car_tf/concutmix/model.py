@@ -9,13 +9,13 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from car_tf.car.state import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
-    checked_counts,
     class_prototypes,
     l2_normalize,
     rectification_weight,
     rectify,
     semantic_label,
 )
+from car_tf.losses.cross_entropy import checked_class_counts
 
 
 def projection_head(input_dim, hidden_dim, output_dim, name):
@@ -88,7 +88,7 @@ class ConCutMixModel(CarriesCARState, keras.Model):
                 "car_tf.models.create_model or name those layers so."
             )
         kernel_shape = tuple(classifier.get_layer("classifier").kernel.shape)
-        counts = checked_counts(class_counts)
+        counts = checked_class_counts(class_counts)
         if kernel_shape[1] != num_classes or counts.size != num_classes:
             raise ValueError(
                 f"num_classes={num_classes}, but the classifier kernel is {kernel_shape} and "

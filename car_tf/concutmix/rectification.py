@@ -7,6 +7,8 @@ weight that grows with how common the mixed classes are.
 import numpy as np
 from keras import ops
 
+from car_tf.losses.cross_entropy import checked_class_counts
+
 DISTANCE_FLOOR = 1e-12
 
 
@@ -59,7 +61,7 @@ def rectification_weight(lam, counts_a, counts_b, class_counts):
     """
     lam = ops.cast(lam, "float32")
     mixed_count = lam * ops.cast(counts_a, "float32") + (1.0 - lam) * ops.cast(counts_b, "float32")
-    total_log = float(np.sum(np.log(checked_counts(class_counts))))
+    total_log = float(np.sum(np.log(checked_class_counts(class_counts))))
     if total_log <= 0.0:
         raise ValueError(
             "class_counts are all 1, so sum_c log n_c is 0; give a class more than one image."
@@ -80,14 +82,3 @@ def rectify(area_label, semantic, w, omega, mixed_flag, epoch, warmup_epochs):
     coefficient = (ops.cast(w, "float32") * float(omega) * active)[:, None]
     return coefficient * ops.cast(semantic, "float32") + (1.0 - coefficient) * area_label
 
-
-def checked_counts(class_counts):
-    """class_counts as float64 NumPy, raising ValueError when a class has no images."""
-    counts = np.asarray(class_counts, dtype=np.float64).reshape(-1)
-    if counts.size < 2 or np.any(counts < 1):
-        empty = np.flatnonzero(counts < 1).tolist()
-        raise ValueError(
-            f"class_counts must give at least one training image for each of at least 2 classes, "
-            f"but classes {empty} have none; drop those classes or fix the counts."
-        )
-    return counts

@@ -12,15 +12,26 @@ from keras import ops
 
 
 def checked_class_counts(class_counts):
-    """class_counts as an int64 array [K]; raises unless there are >= 2 classes, all positive."""
-    counts = np.asarray(class_counts, dtype=np.int64).reshape(-1)
-    if counts.size < 2 or np.any(counts <= 0):
+    """class_counts as int64 [K]: whole, finite, positive numbers for at least 2 classes."""
+    raw = np.asarray(class_counts, dtype=np.float64).reshape(-1)
+    if raw.size < 2:
         raise ValueError(
-            f"class_counts must give a positive training count for each of at least 2 classes "
-            f"(got {counts.size} classes, classes {np.flatnonzero(counts <= 0).tolist()} empty); "
-            "drop the empty classes or fix the counts."
+            f"class_counts has {raw.size} class(es); the loss needs the training counts of at "
+            "least 2 classes."
         )
-    return counts
+    bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+    if bad.size:
+        raise ValueError(
+            f"class_counts must be whole numbers, but class {bad[0]} has {raw[bad[0]]}; pass the "
+            "number of training images of each class."
+        )
+    bad = np.flatnonzero(raw <= 0)
+    if bad.size:
+        raise ValueError(
+            f"class_counts must hold a positive training count for each class, but classes "
+            f"{bad.tolist()} have none; drop those classes or fix the counts."
+        )
+    return raw.astype(np.int64)
 
 
 def target_distribution(y_true, num_classes):
