@@ -12,11 +12,12 @@ import pytest
 import tensorflow as tf
 
 from car_tf.dlsa import cascade
-from car_tf.dlsa.classifiers import ClassifierTrainingConfig, balanced_softmax_loss
+from car_tf.dlsa.classifiers import ClassifierTrainingConfig
 from car_tf.dlsa.features import extract_features, load_feature_cache
 from car_tf.dlsa.fit import DLSAConfig, fit_dlsa, stratified_split
 from car_tf.dlsa.flow_training import FlowTrainingConfig
 from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
+from car_tf.losses.logit_adjusted import logit_adjusted_cross_entropy
 
 NUM_CLASSES, DIM = 5, 6
 COUNTS = [150, 80, 40, 20, 10]
@@ -162,7 +163,7 @@ def test_balanced_softmax_loss_adds_log_counts():
     log_counts = np.log(np.array([100.0, 10.0, 1.0], np.float32))
     adjusted = logits[0] + log_counts
     expected = -(adjusted[2] - np.logaddexp.reduce(adjusted))
-    np.testing.assert_allclose(float(balanced_softmax_loss(np.array([2]), logits, log_counts)), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(np.mean(logit_adjusted_cross_entropy(np.array([2]), logits, log_counts))), expected, rtol=1e-5)
 
 
 def _tiny_model(num_classes=3):

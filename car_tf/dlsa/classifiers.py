@@ -17,6 +17,8 @@ import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
+from car_tf.losses.logit_adjusted import logit_adjusted_cross_entropy
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierTrainingConfig:
@@ -68,13 +70,6 @@ class StageClassifier(keras.layers.Layer):
         return config
 
 
-def balanced_softmax_loss(labels, logits, log_counts):
-    """Mean cross-entropy of softmax(logits + log n_c) (Balanced Softmax)."""
-    return ops.mean(
-        ops.sparse_categorical_crossentropy(labels, logits + log_counts, from_logits=True)
-    )
-
-
 def balanced_accuracy(predictions, labels):
     """Mean recall over the classes present in ``labels`` (NaN when there are none)."""
     labels = np.asarray(labels)
@@ -119,7 +114,7 @@ def train_stage_classifier(
             f"{name} has no training sample; lower the cascade depth or raise keep_fraction."
         )
     counts = np.maximum(np.bincount(labels, minlength=num_classes), 1)
-    log_counts = ops.convert_to_tensor(np.log(counts).astype(np.float32))
+    log_counts = np.log(counts).astype(np.float32)
     classifier = StageClassifier(num_classes, seed=config.seed, name=name)
     classifier.build(((None, features.shape[1]), (None, side.shape[1])))
     steps_per_epoch = -(-len(labels) // config.batch_size)
@@ -141,7 +136,7 @@ def train_stage_classifier(
     )
     def train_step(x, s, y):
         with tf.GradientTape() as tape:
-            loss = balanced_softmax_loss(y, classifier([x, s]), log_counts)
+            loss = ops.mean(logit_adjusted_cross_entropy(y, classifier([x, s]), log_counts))
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 

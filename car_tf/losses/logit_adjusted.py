@@ -22,6 +22,17 @@ def log_prior(class_counts):
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
+def logit_adjusted_cross_entropy(y_true, logits, log_prior, tau=1.0):
+    """Per-sample CE(logits + tau * log_prior, y) for int or soft labels y.
+
+    ``log_prior`` is NumPy [K]; any per-class constant added to it leaves the loss unchanged, so
+    log n_c and log(n_c / N) give the same Balanced Softmax at tau = 1.
+    """
+    targets = target_distribution(y_true, num_classes_of(logits, log_prior))
+    adjusted = ops.cast(logits, "float32") + tau * ops.convert_to_tensor(log_prior, "float32")
+    return soft_cross_entropy(targets, adjusted)
+
+
 @keras.saving.register_keras_serializable(package="car_tf")
 class LogitAdjustedLoss(keras.losses.Loss):
     """Cross-entropy on logits + tau * log prior, per sample; int or soft labels.
@@ -38,9 +49,7 @@ class LogitAdjustedLoss(keras.losses.Loss):
         self.log_prior = log_prior(self.class_counts)
 
     def call(self, y_true, y_pred):
-        targets = target_distribution(y_true, num_classes_of(y_pred, self.class_counts))
-        logits = ops.cast(y_pred, "float32") + self.tau * ops.convert_to_tensor(self.log_prior)
-        return soft_cross_entropy(targets, logits)
+        return logit_adjusted_cross_entropy(y_true, y_pred, self.log_prior, self.tau)
 
     def get_config(self):
         return {
