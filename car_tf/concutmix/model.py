@@ -10,12 +10,12 @@ from car_tf.car.state import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
     class_prototypes,
-    l2_normalize,
     rectification_weight,
     rectify,
     semantic_label,
 )
 from car_tf.losses.cross_entropy import checked_class_counts
+from car_tf.ops import l2_normalize
 
 
 def projection_head(input_dim, hidden_dim, output_dim, name):

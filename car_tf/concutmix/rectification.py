@@ -8,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from car_tf.losses.cross_entropy import checked_class_counts
+from car_tf.ops import l2_normalize
 
 DISTANCE_FLOOR = 1e-12
 
@@ -21,12 +22,6 @@ def class_prototypes(classifier_kernel, projection_head, training=False):
     """
     weights = ops.transpose(ops.cast(classifier_kernel, "float32"))
     return l2_normalize(ops.cast(projection_head(weights, training=training), "float32"))
-
-
-def l2_normalize(x, axis=-1):
-    """x / max(||x||, 1e-12) along ``axis``."""
-    norm = ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), 1e-24))
-    return x / norm
 
 
 def semantic_label(projections, prototypes, top_k):

@@ -29,6 +29,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from car_tf.ops import l2_normalize
+
 UNIFORMITY_KINDS = ("mhe", "gaussian")
 FEATURE_NORM_KINDS = ("hinge", "ring")
 
@@ -39,15 +41,9 @@ DEFAULT_TARGET_NORM = 10.0
 DISTANCE_EPS = 1e-6
 
 
-def normalized_columns(kernel):
-    """Columns of kernel [D, K] scaled to unit L2 norm, float32."""
-    kernel = ops.cast(kernel, "float32")
-    return kernel / ops.sqrt(ops.sum(ops.square(kernel), axis=0, keepdims=True) + 1e-12)
-
-
 def pairwise_squared_distances(kernel):
     """|w_i - w_j|^2 [K, K] between the unit-normalised columns of kernel [D, K]."""
-    unit = normalized_columns(kernel)
+    unit = l2_normalize(ops.cast(kernel, "float32"), axis=0)
     return ops.maximum(2.0 - 2.0 * ops.matmul(ops.transpose(unit), unit), 0.0)
 
 

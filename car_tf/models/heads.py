@@ -2,6 +2,8 @@
 
 import keras
 
+from car_tf.ops import l2_normalize
+
 HEADS = ("linear", "cosine")
 
 
@@ -41,13 +43,10 @@ class CosineClassifier(keras.layers.Layer):
             regularizer=self.kernel_regularizer,
         )
 
-    def _l2_normalize(self, x, axis):
-        squared_norm = keras.ops.sum(keras.ops.square(x), axis=axis, keepdims=True)
-        return x * keras.ops.rsqrt(keras.ops.maximum(squared_norm, self.epsilon))
-
     def call(self, inputs):
-        features = self._l2_normalize(inputs, axis=-1)
-        kernel = self._l2_normalize(keras.ops.cast(self.kernel, inputs.dtype), axis=0)
+        features = l2_normalize(inputs, axis=-1, epsilon=self.epsilon)
+        kernel = keras.ops.cast(self.kernel, inputs.dtype)
+        kernel = l2_normalize(kernel, axis=0, epsilon=self.epsilon)
         return self.scale * keras.ops.matmul(features, kernel)
 
     def compute_output_shape(self, input_shape):
