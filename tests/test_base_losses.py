@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from car_tf.losses.cross_entropy import CrossEntropy
+from car_tf.losses.cross_entropy import CrossEntropy, class_ids
 from car_tf.losses.ldam import DRWSchedule, LDAMLoss, drw_class_weights, ldam_margins
 from car_tf.losses.logit_adjusted import LogitAdjustedLoss
 from car_tf.losses.registry import BASE_LOSSES, callbacks_for_loss, get_base_loss
@@ -245,3 +245,11 @@ def test_ldam_with_drw_weights_trains_the_same_on_one_and_two_replicas():
         return [w.numpy() for w in model.weights]
 
     assert_results_close(run_under_strategies(train))
+
+
+def test_class_ids_of_int_column_and_soft_labels():
+    np.testing.assert_array_equal(class_ids(np.array([2, 0, 1])), [2, 0, 1])
+    np.testing.assert_array_equal(class_ids(np.array([[2], [0], [1]])), [2, 0, 1])
+    soft = np.array([[0.1, 0.2, 0.7], [0.6, 0.4, 0.0]], np.float32)
+    np.testing.assert_array_equal(class_ids(soft), [2, 0])
+    assert class_ids(soft).dtype == np.int64

@@ -14,7 +14,7 @@ from car_tf.concutmix.rectification import (
     rectify,
     semantic_label,
 )
-from car_tf.losses.cross_entropy import checked_class_counts
+from car_tf.losses.cross_entropy import checked_class_counts, target_distribution
 from car_tf.ops import l2_normalize
 
 
@@ -173,9 +173,7 @@ class ConCutMixModel(CarriesCARState, keras.Model):
     def test_step(self, data):
         images, labels, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         logits = self.classifier(images, training=False)
-        target = labels
-        if len(labels.shape) == 1:
-            target = tf.one_hot(tf.cast(labels, tf.int32), self.num_classes)
+        target = target_distribution(labels, self.num_classes)
         loss = self._compute_loss(
             x=images, y=target, y_pred=logits, sample_weight=sample_weight, training=False
         )

@@ -11,14 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from car_tf.data.longtail import GROUPS, class_groups
-
-
-def _labels_of(y):
-    """Int class ids [B] from int labels [B] / [B, 1] or soft labels [B, K] (their argmax)."""
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[-1] > 1:
-        return y.argmax(axis=-1)
-    return y.reshape(-1).astype(np.int64)
+from car_tf.losses.cross_entropy import class_ids
 
 
 def _feature_extractor(model):
@@ -56,7 +49,7 @@ def decoupled_quantities(model, dataset, class_counts, extractor=None):
     cosine_sum = np.zeros(counts.size)
     samples = np.zeros(counts.size)
     for batch in dataset:
-        labels = _labels_of(batch[1])
+        labels = class_ids(batch[1])
         if labels.size and (labels.min() < 0 or labels.max() >= counts.size):
             raise ValueError(
                 f"a label lies outside [0, {counts.size}); check the data set's labels and the "

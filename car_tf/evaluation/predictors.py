@@ -201,11 +201,12 @@ def predict_dataset(predictor, dataset, progress=False):
     """
     from tqdm import tqdm
 
+    from car_tf.losses.cross_entropy import class_ids
+
     scores, labels = [], []
     for images, batch_labels in tqdm(dataset, desc="evaluating", unit="batch", disable=not progress):
         scores.append(predictor.predict(np.asarray(images)))
-        batch_labels = np.asarray(batch_labels)
-        labels.append(batch_labels.argmax(-1) if batch_labels.ndim == 2 else batch_labels.reshape(-1))
+        labels.append(class_ids(batch_labels))
     if not scores:
         raise ValueError("the evaluation data set is empty; check the data flags or the split list.")
     return np.concatenate(scores), np.concatenate(labels).astype(np.int64)

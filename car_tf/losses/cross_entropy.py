@@ -34,6 +34,14 @@ def checked_class_counts(class_counts):
     return raw.astype(np.int64)
 
 
+def class_ids(y_true):
+    """Int64 class ids [B] (NumPy) from int labels [B] / [B, 1] or soft labels [B, K] (argmax)."""
+    y_true = np.asarray(y_true)
+    if y_true.ndim == 2 and y_true.shape[-1] > 1:
+        return y_true.argmax(axis=-1).astype(np.int64)
+    return y_true.reshape(-1).astype(np.int64)
+
+
 def target_distribution(y_true, num_classes):
     """Float32 targets [B, K]: soft labels [B, K] as given, int labels [B] or [B, 1] one-hot."""
     if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes and num_classes > 1:
