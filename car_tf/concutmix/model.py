@@ -15,6 +15,7 @@ from car_tf.concutmix.rectification import (
     semantic_label,
 )
 from car_tf.losses.cross_entropy import checked_class_counts, target_distribution
+from car_tf.models.registry import features_model
 from car_tf.ops import l2_normalize
 
 
@@ -105,11 +106,7 @@ class ConCutMixModel(CarriesCARState, keras.Model):
         self.top_k = int(top_k)
         self.omega = float(omega)
         self.l_d_warm = int(l_d_warm)
-        self.embedder = keras.Model(
-            classifier.inputs,
-            [classifier.get_layer("features").output, classifier.outputs[0]],
-            name="embedder",
-        )
+        self.embedder = features_model(classifier)
         head_shape = (kernel_shape[0], self.hidden_dim, self.projection_dim)
         self.projection_head = projection_head(*head_shape, name="projection_head")
         self.prototype_head = projection_head(*head_shape, name="prototype_head")

@@ -12,18 +12,12 @@ import tensorflow as tf
 
 from car_tf.data.longtail import GROUPS, class_groups
 from car_tf.losses.cross_entropy import class_ids
+from car_tf.models.registry import features_model
 
 
 def _feature_extractor(model):
     """A tf.function mapping images to the output of ``model``'s "features" layer."""
-    try:
-        features = model.get_layer("features").output
-    except ValueError as error:
-        raise ValueError(
-            f"model {model.name!r} has no layer named 'features'; name the penultimate pooled "
-            "embedding layer 'features'."
-        ) from error
-    extractor = keras.Model(model.inputs, features)
+    extractor = features_model(model, with_logits=False)
     return tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
 
 

@@ -17,12 +17,10 @@ import dataclasses
 import os
 import pathlib
 
-import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-FEATURES_LAYER = "features"
-
+from car_tf.models.registry import features_model
 
 @dataclasses.dataclass
 class FeatureCache:
@@ -33,18 +31,6 @@ class FeatureCache:
     class_names: list
     source_model: str
     split: str
-
-
-def feature_extractor(model):
-    """keras.Model mapping the model's inputs to its "features" layer output."""
-    try:
-        layer = model.get_layer(FEATURES_LAYER)
-    except ValueError:
-        raise ValueError(
-            f"model {model.name!r} has no layer named {FEATURES_LAYER!r}; build it with "
-            "car_tf.models.create_model or name its pooled embedding layer 'features'."
-        ) from None
-    return keras.Model(model.input, layer.output)
 
 
 def save_feature_cache(path, cache):
@@ -117,7 +103,7 @@ def extract_features(
     if cache_path is not None and _cache_is_fresh(cache_path, source_model, split):
         cache = load_feature_cache(cache_path)
         return cache.features, cache.labels
-    extractor = feature_extractor(model)
+    extractor = features_model(model, with_logits=False)
     total = None
     try:
         cardinality = int(dataset.cardinality())

@@ -25,9 +25,10 @@ import numpy as np
 import car_tf.models  # noqa: F401  (registers the backbones' layers before loading a model)
 from car_tf.evaluation import metrics, report
 from car_tf.dlsa import cascade
-from car_tf.dlsa.features import extract_features, feature_extractor
+from car_tf.dlsa.features import extract_features
 from car_tf.dlsa.fit import fit_dlsa
 from car_tf.evaluation.predictors import inference_model
+from car_tf.models.registry import features_model
 
 
 def _write_json(path, value):
@@ -36,7 +37,7 @@ def _write_json(path, value):
 
 def image_to_logits_model(base_model, routed):
     """Functional model: the base model's inputs -> "features" layer -> routed stack."""
-    extractor = feature_extractor(base_model)
+    extractor = features_model(base_model, with_logits=False)
     return keras.Model(extractor.inputs, routed(extractor.outputs[0]), name="dlsa_model")
 
 

@@ -166,17 +166,21 @@ def _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights
     return _with_head(images, features, name, num_classes, head, cosine_scale, dropout)
 
 
-def features_model(model):
-    """A keras.Model on the same inputs returning [features, logits] (shares the weights)."""
+def features_model(model, with_logits=True):
+    """A keras.Model on the same inputs returning [features, logits], or the features alone.
+
+    It shares the model's weights; the features are the output of its "features" layer.
+    """
     try:
         features = model.get_layer("features")
     except ValueError:
         raise ValueError(
             f"model {model.name!r} has no layer named 'features'; build it with "
-            "car_tf.models.create_model."
+            "car_tf.models.create_model or name its pooled embedding layer 'features'."
         ) from None
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    return keras.Model(inputs, [features.output, model.outputs[0]], name=f"{model.name}_features")
+    outputs = [features.output, model.outputs[0]] if with_logits else features.output
+    return keras.Model(inputs, outputs, name=f"{model.name}_features")
 
 
 def load_model_weights(model, path):
