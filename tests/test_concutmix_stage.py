@@ -6,12 +6,12 @@ from PIL import Image
 
 from car_tf.concutmix import (
     balanced_indices,
+    concutmix_batch_hook,
     concutmix_stage,
-    concutmix_training_stream,
     per_image,
 )
 from car_tf.concutmix.stage import batch_pad_crop_flip, batch_seed, concutmix_batch, cutmix_box
-from car_tf.data import LabeledData, steps_per_epoch
+from car_tf.data import LabeledData, steps_per_epoch, train_dataset
 from car_tf.data.augment import pad_crop_flip
 
 # Upper 0.1% points of the chi-square distribution (tables), by degrees of freedom.
@@ -214,9 +214,10 @@ def test_training_stream_resumes_exactly():
 
     def run(start_epoch):
         return list(
-            concutmix_training_stream(
+            train_dataset(
                 data, recipe="cifar", image_size=SIZE, batch_size=8, seed=9,
                 start_epoch=start_epoch, epochs=3,
+                batch_hook=concutmix_batch_hook(data, recipe="cifar", image_size=SIZE, seed=9),
             )
         )
 
@@ -234,9 +235,12 @@ def test_training_stream_other_recipes(recipe, randaugment):
     data = LabeledData(labels=labels, class_names=list("abcde"), images=images)
 
     def run():
-        stream = concutmix_training_stream(
+        hook = concutmix_batch_hook(
+            data, recipe=recipe, image_size=10, seed=1, cutmix_prob=1.0, randaugment=randaugment
+        )
+        stream = train_dataset(
             data, recipe=recipe, image_size=10, batch_size=8, seed=1, randaugment=randaugment,
-            cutmix_prob=1.0,
+            batch_hook=hook,
         )
         return next(iter(stream))
 

@@ -1,6 +1,6 @@
 """ConCutMix (Pan et al., TIP 2024): class-balanced CutMix with rectified labels, plus BCL.
 
-Pieces: ``concutmix_stage`` (tf.data; ``concutmix_training_stream`` adds it to the car_tf
+Pieces: ``concutmix_stage`` (tf.data; ``concutmix_batch_hook`` plugs it into the car_tf
 training stream), the pure label functions in ``rectification``,
 ``balanced_contrastive_loss``, ``ConCutMixModel`` (the train step) and the released
 hyperparameters per data set in ``CONCUTMIX_DEFAULTS``.
@@ -16,8 +16,8 @@ from car_tf.concutmix.rectification import (
 from car_tf.concutmix.stage import (
     balanced_indices,
     batch_pad_crop_flip,
+    concutmix_batch_hook,
     concutmix_stage,
-    concutmix_training_stream,
     per_image,
 )
 
@@ -85,8 +85,8 @@ __all__ = [
     "balanced_indices",
     "batch_pad_crop_flip",
     "class_prototypes",
+    "concutmix_batch_hook",
     "concutmix_stage",
-    "concutmix_training_stream",
     "per_image",
     "rectification_weight",
     "rectify",

@@ -49,10 +49,17 @@ class ConCutMixMethod(Method):
     def compile_metrics(self, settings):
         return []  # ConCutMixModel reports its own terms
 
-    def training_stream(self, settings, train, stream):
-        from car_tf.concutmix.stage import concutmix_training_stream
+    def batch_hook(self, settings, train, stream):
+        from car_tf.concutmix.stage import concutmix_batch_hook
 
-        return concutmix_training_stream(train, cutmix_prob=settings.ccm_cutmix_prob, **stream)
+        return concutmix_batch_hook(
+            train,
+            recipe=stream["recipe"],
+            image_size=stream["image_size"],
+            seed=stream["seed"],
+            cutmix_prob=settings.ccm_cutmix_prob,
+            randaugment=stream["randaugment"],
+        )
 
 
 CONCUTMIX = ConCutMixMethod()

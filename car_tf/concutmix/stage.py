@@ -1,7 +1,7 @@
 """ConCutMix as a tf.data stage (SPEC.md section 2, steps 1-2): balanced CutMix plus two views.
 
-``concutmix_training_stream`` builds the whole training input (car_tf.data.train_dataset plus
-this stage with the recipe's augmentations). By hand, with the stream's images (augmented by
+``concutmix_batch_hook`` plugs this stage, with the recipe's augmentations, into
+car_tf.data.train_dataset (its ``batch_hook``). By hand, with the stream's images (augmented by
 the recipe) as image A::
 
     stream = train_dataset(train, recipe="cifar", ..., start_epoch=start, epochs=epochs)
@@ -243,8 +243,8 @@ def balanced_loader(balanced_source, image_size=None):
         raise ValueError("a file-backed balanced source needs image_size; pass image_size=H.")
     path_table = tf.constant(np.asarray(paths).astype(str))
 
-    def decode(path):
-        raw = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    def decode(path):  # decoded as the training stream decodes (the files were checked before training)
+        raw = pipelines.decode_image(tf.io.read_file(path))
         return augment_ops.resize_to(tf.cast(raw, tf.float32), image_size)
 
     def load(indices):
@@ -356,50 +356,34 @@ def recipe_augmentations(recipe, image_size, randaugment=None):
     return views, partner_then_randaugment
 
 
-def concutmix_training_stream(
-    data,
-    *,
-    recipe,
-    image_size,
-    batch_size,
-    seed,
-    start_epoch=0,
-    epochs=1,
-    cutmix_prob=0.5,
-    randaugment=False,
-    skip_corrupt=False,
-):
-    """car_tf.data.train_dataset over ``data`` followed by concutmix_stage, resumable by epoch.
+def concutmix_batch_hook(data, *, recipe, image_size, seed, cutmix_prob=0.5, randaugment=False):
+    """The ConCutMix stage as a ``batch_hook`` of car_tf.data.train_dataset over ``data``.
 
-    Arguments as for train_dataset (``randaugment``: False, True or a keras.layers.RandAugment,
-    applied to the stream and to the partners) plus ``cutmix_prob``; the partners come from
-    ``data`` itself, the augmentations from ``recipe_augmentations``.
+    The partners come from ``data`` itself, the augmentations from ``recipe_augmentations``
+    (``randaugment``: False, True or a keras.layers.RandAugment, applied to the partners as
+    train_dataset applies it to the stream)::
+
+        hook = concutmix_batch_hook(train, recipe="cifar", image_size=32, seed=0)
+        ds = train_dataset(train, recipe="cifar", image_size=32, batch_size=128, seed=0,
+                           epochs=200, batch_hook=hook)
     """
     image_size = pipelines.resolve_image_size(recipe, image_size)
     if randaugment is True:
         randaugment = augment_ops.make_randaugment()
-    stream = pipelines.train_dataset(
-        data,
-        recipe=recipe,
-        image_size=image_size,
-        batch_size=batch_size,
-        seed=seed,
-        start_epoch=start_epoch,
-        epochs=epochs,
-        randaugment=randaugment,
-        skip_corrupt=skip_corrupt,
-    )
     views, partner = recipe_augmentations(recipe, image_size, randaugment)
-    staged = concutmix_stage(
-        stream,
-        data,
-        num_classes=data.num_classes,
-        seed=seed,
-        view_augment=views,
-        partner_augment=partner,
-        cutmix_prob=cutmix_prob,
-        start_epoch=start_epoch,
-        steps_per_epoch=pipelines.steps_per_epoch(data, batch_size),
-        image_size=image_size,
-    )
-    return staged.prefetch(tf.data.AUTOTUNE)
+
+    def hook(batches, start_epoch, steps_per_epoch):
+        return concutmix_stage(
+            batches,
+            data,
+            num_classes=data.num_classes,
+            seed=seed,
+            view_augment=views,
+            partner_augment=partner,
+            cutmix_prob=cutmix_prob,
+            start_epoch=start_epoch,
+            steps_per_epoch=steps_per_epoch,
+            image_size=image_size,
+        )
+
+    return hook

@@ -42,13 +42,16 @@ def train_dataset(
     epochs=1,
     randaugment=False,
     skip_corrupt=False,
+    batch_hook=None,
 ):
     """Shuffled, augmented full batches of epochs start_epoch .. epochs - 1, epoch after epoch.
 
     randaugment: False, True (2 ops, magnitude 10) or a keras.layers.RandAugment to apply after the
     crop and flip. skip_corrupt: skip unreadable image files with a warning naming each and counting
     them (the epoch is refilled from a second pass so it keeps its steps); otherwise the first
-    unreadable file stops the stream with an error naming it.
+    unreadable file stops the stream with an error naming it. batch_hook: a function
+    ``(batches, start_epoch, steps_per_epoch) -> dataset`` applied to the stream of batches (the
+    ConCutMix stage, ``car_tf.concutmix.concutmix_batch_hook``).
     """
     image_size = resolve_image_size(recipe, image_size)
     if not 0 <= start_epoch <= epochs:
@@ -92,6 +95,8 @@ def train_dataset(
         return elements.batch(batch_size, drop_remainder=True)
 
     dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches)
+    if batch_hook is not None:
+        dataset = batch_hook(dataset, start_epoch, per_epoch // batch_size)
     return _finish(dataset)
 
 
@@ -177,6 +182,7 @@ def _guard_unreadable(elements, data, order, image_size, skip_corrupt, count):
                     first_missing, "-", skipped, "skipped so far this epoch.",
                 )
         else:
+            # A tf.data graph function: a graph assertion is the only way to stop the stream here.
             tf.debugging.Assert(
                 missing == 0,
                 ["Could not read or decode image file", first_missing,

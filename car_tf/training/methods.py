@@ -55,8 +55,8 @@ class Method:
     def callbacks(self, settings, test_dataset, counts):
         return []
 
-    def training_stream(self, settings, train, stream):
-        """The training tf.data stream this method needs (``stream``: train_dataset's keywords), or None."""
+    def batch_hook(self, settings, train, stream):
+        """A ``batch_hook`` for the training stream (``stream``: train_dataset's keywords), or None."""
         return None
 
     def report(self, settings, predictor, test_dataset, counts):

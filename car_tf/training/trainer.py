@@ -253,10 +253,10 @@ def train(config):
         randaugment=config.data.randaugment,
         skip_corrupt=config.data.skip_corrupt,
     )
-    train_ds = None
-    for method, settings in active:
-        train_ds = method.training_stream(settings, train_data, stream) or train_ds
-    train_ds = train_ds or pipelines.train_dataset(train_data, **stream)
+    hooks = [h for method, settings in active if (h := method.batch_hook(settings, train_data, stream))]
+    if len(hooks) > 1:
+        raise ValueError("only one of the run's methods may change the training batches; drop one of them.")
+    train_ds = pipelines.train_dataset(train_data, **stream, batch_hook=hooks[0] if hooks else None)
     test_ds = pipelines.eval_dataset(test_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
     distribute.prepare_for_multi_worker(model, strategy, train_ds)
     callbacks += callbacks_for_loss(loss, epochs)
