@@ -96,6 +96,7 @@ class ServingModule(tf.Module):
         self.recipe = recipe
         self.top_k = min(int(top_k), len(class_names))
         self._names = [str(n) for n in class_names]
+        # Export is TensorFlow only: a tf.Variable on this tf.Module is saved in the SavedModel.
         self.class_names = tf.Variable(self._names, trainable=False, name="class_names")
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])

@@ -208,6 +208,18 @@ def test_fit_logs_penalty_and_keeps_state_on_the_model(tmp_path):
     np.testing.assert_array_equal(fresh.car_state.ema_matrix().numpy(), ema)
 
 
+def test_tensorboard_after_the_callback_writes_the_penalty(tmp_path):
+    _, history = train(2, extra_callbacks=[keras.callbacks.TensorBoard(str(tmp_path))])
+    written = {}
+    for path in (tmp_path / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                written.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    for key in ("car_spectral_norm", "car_penalty"):
+        logged = written.get(f"epoch_{key}", {})
+        np.testing.assert_allclose([logged.get(e) for e in (0, 1)], history.history[key], rtol=1e-6)
+
+
 def test_one_and_two_replicas_agree():
     def run(strategy):
         model, _ = train(2, strategy)

@@ -1,7 +1,6 @@
 """CARCallback: owns CARLoss's state on the model, logs the penalty, optionally ramps lambda."""
 
 import keras
-import tensorflow as tf
 
 from car_tf.car.state import attach_car_state
 from car_tf.car.loss import CARLoss
@@ -15,8 +14,8 @@ class CARCallback(keras.callbacks.Callback):
       (.keras) keep the EMA; a model that already carries one (restored from any of them, e.g.
       by ``keras.models.load_model``) continues with it.
     * Each epoch adds ``car_spectral_norm`` (mean sigma_max over the epoch's steps) and
-      ``car_penalty`` (lambda times it) to the logs History and TensorBoard see; place this callback
-      before TensorBoard in the list, or give ``tensorboard_dir`` to write them here.
+      ``car_penalty`` (lambda times it) to the epoch's logs, which History, CSVLogger and
+      keras.callbacks.TensorBoard record when listed after this callback.
     * During validation and ``model.evaluate(..., callbacks=[it])`` the EMA is left unchanged.
     * ``lambda_warmup_epochs`` > 0 ramps lambda linearly from 0 to its target over those epochs
       (the released code uses no ramp). The ramp depends only on the epoch number, so a resumed run
@@ -25,15 +24,12 @@ class CARCallback(keras.callbacks.Callback):
     Args:
         loss: the CARLoss given to ``compile``; found in ``model.loss`` when omitted.
         lambda_warmup_epochs: epochs of linear lambda ramp-up.
-        tensorboard_dir: where to write the two scalars as TensorBoard summaries (optional).
     """
 
-    def __init__(self, loss=None, lambda_warmup_epochs=0, tensorboard_dir=None):
+    def __init__(self, loss=None, lambda_warmup_epochs=0):
         super().__init__()
         self.loss = loss
         self.lambda_warmup_epochs = int(lambda_warmup_epochs)
-        self.tensorboard_dir = tensorboard_dir
-        self._writer = None
 
     def set_model(self, model):
         super().set_model(model)
@@ -64,13 +60,6 @@ class CARCallback(keras.callbacks.Callback):
         }
         if logs is not None:
             logs.update(values)
-        if self.tensorboard_dir:
-            if self._writer is None:
-                self._writer = tf.summary.create_file_writer(self.tensorboard_dir)
-            with self._writer.as_default():
-                for key, value in values.items():
-                    tf.summary.scalar(key, value, step=epoch)
-            self._writer.flush()
 
 
 def find_car_loss(model):

@@ -18,9 +18,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 from car_tf.car import confusion, spectral
+from car_tf.keras_compat import in_symbolic_build
 from car_tf.losses.cross_entropy import checked_class_counts
 from car_tf.losses.registry import get_base_loss
 
@@ -129,7 +129,7 @@ class CARLoss(keras.losses.Loss):
             )
         y_true = _checked_labels(y_true, self.num_classes)  # before any gather by label
         per_sample = ops.cast(self.base.call(y_true, logits), "float32")
-        if self.state is None and in_symbolic_scope():
+        if self.state is None and in_symbolic_build():
             return per_sample  # Keras's shape-only build pass under a strategy, before callbacks run
         if self.state is None:
             raise ValueError(
@@ -263,6 +263,7 @@ def _checked_labels(y_true, num_classes):
     if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes:
         return y_true
     labels = ops.cast(y_true, "int32")
+    # keras.ops has no assertion; inside fit's tf.function only a graph assertion stops the step.
     check = tf.debugging.assert_equal(
         tf.reduce_all((labels >= 0) & (labels < num_classes)),
         True,

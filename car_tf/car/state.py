@@ -12,7 +12,8 @@ import warnings
 
 import keras
 from keras import ops
-from keras.src.models.functional import Functional
+
+from car_tf.keras_compat import FunctionalModel
 
 ATTRIBUTE = "car_state"
 
@@ -152,7 +153,7 @@ class CarriesCARState:
 
 
 @keras.saving.register_keras_serializable(package="car_tf")
-class CARFunctional(CarriesCARState, Functional):
+class CARFunctional(CarriesCARState, FunctionalModel):
     """A functional model whose config records its CAR state."""
 
 
@@ -161,7 +162,7 @@ class CARSequential(CarriesCARState, keras.Sequential):
     """A Sequential model whose config records its CAR state."""
 
 
-_CARRIERS = {Functional: CARFunctional, keras.Sequential: CARSequential}
+_CARRIERS = {FunctionalModel: CARFunctional, keras.Sequential: CARSequential}
 
 
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense

@@ -3,8 +3,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src.losses.loss import unscale_loss_for_distribution
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 from car_tf.car.state import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
@@ -14,9 +12,19 @@ from car_tf.concutmix.rectification import (
     rectify,
     semantic_label,
 )
+from car_tf.keras_compat import aggregated_layer_loss, loss_tracker
 from car_tf.losses.cross_entropy import checked_class_counts, target_distribution
 from car_tf.models.registry import features_model
 from car_tf.ops import l2_normalize
+
+
+def _per_global_batch(loss):
+    """A replica's loss times the replica count: the global batch's loss, as Keras reports it.
+
+    Keras divides each replica's loss by the replica count so that the summed gradients are the
+    global batch's; the trackers undo that, as Keras's own train_step does.
+    """
+    return loss * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
 
 
 def projection_head(input_dim, hidden_dim, output_dim, name):
@@ -136,7 +144,7 @@ class ConCutMixModel(CarriesCARState, keras.Model):
         return class_prototypes(kernel, self.prototype_head, training=training)
 
     def train_step(self, data):
-        batch, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        batch, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         size = tf.shape(batch["mixed"])[0]
         images = tf.concat([batch["mixed"], batch["view1"], batch["view2"]], axis=0)
         label_a = tf.cast(batch["label_a"], tf.int32)
@@ -148,35 +156,31 @@ class ConCutMixModel(CarriesCARState, keras.Model):
             prototypes = self.prototypes(training=True)
             soft_label = self._rectified_label(batch, projections[:size], prototypes)
             mixed_logits = logits[:size]
-            compiled = self._compute_loss(
+            compiled = self.compute_loss(
                 x=batch, y=soft_label, y_pred=mixed_logits, training=True
             )
             # compute_loss also adds the layers' own losses; those count once, not alpha times.
-            layer_losses = sum(self._aggregate_additional_loss(term) for term in self.losses)
+            layer_losses = sum(aggregated_layer_loss(self, term) for term in self.losses)
             ce = compiled - layer_losses
             contrastive = self._contrastive(projections[size:], label_a, prototypes)
             loss = self.alpha * ce + self.beta * contrastive + layer_losses
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        self.ce_tracker.update_state(unscale_loss_for_distribution(ce), sample_weight=size)
-        self.contrastive_tracker.update_state(
-            unscale_loss_for_distribution(contrastive), sample_weight=size
-        )
-        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=size)
+        self.ce_tracker.update_state(_per_global_batch(ce), sample_weight=size)
+        self.contrastive_tracker.update_state(_per_global_batch(contrastive), sample_weight=size)
+        loss_tracker(self).update_state(_per_global_batch(loss), sample_weight=size)
         # Compiled metrics (e.g. accuracy) score the mixed images against their label A.
         return self.compute_metrics(batch, label_a, mixed_logits)
 
     def test_step(self, data):
-        images, labels, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         logits = self.classifier(images, training=False)
         target = target_distribution(labels, self.num_classes)
-        loss = self._compute_loss(
+        loss = self.compute_loss(
             x=images, y=target, y_pred=logits, sample_weight=sample_weight, training=False
         )
-        self._loss_tracker.update_state(
-            unscale_loss_for_distribution(loss), sample_weight=tf.shape(images)[0]
-        )
+        loss_tracker(self).update_state(_per_global_batch(loss), sample_weight=tf.shape(images)[0])
         results = self.compute_metrics(images, labels, logits, sample_weight=sample_weight)
         # The two training terms are not computed here; drop them rather than report zeros.
         return {

@@ -112,7 +112,7 @@ class FlowTrainer:
             self.flow.build((None, dim))
         self.optimizer.build(self.flow.trainable_variables)
         num_components = self.flow.num_components
-        self.usage = tf.Variable(tf.fill([num_components], 1.0 / num_components), trainable=False)
+        self.usage = keras.Variable(ops.full([num_components], 1.0 / num_components), trainable=False)
         self._step = tf.function(self._train_step, autograph=False)
 
     def _train_step(self, anchors, partners, anchor_weights, pair_mask):

@@ -105,6 +105,7 @@ class PerClassEvaluation(keras.callbacks.Callback):
             CONFUSION_TAG: report_writers.confusion_figure(confusion, names, rows, title),
             ACCURACY_TAG: report_writers.accuracy_vs_count_figure(report),
         }
+        # keras.callbacks.TensorBoard writes scalars from the logs only; images need tf.summary.
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir / "tb" / TENSORBOARD_RUN))
         with self._writer.as_default():

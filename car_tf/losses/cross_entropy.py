@@ -52,6 +52,8 @@ def target_distribution(y_true, num_classes):
             f"soft labels [B, {num_classes}]; give the data set one of those label shapes."
         )
     labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+    # keras.ops has no assertion; inside fit's tf.function only a graph assertion stops the step
+    # with this sentence (one_hot would silently give a zero row).
     tf.debugging.assert_equal(
         tf.reduce_all((labels >= 0) & (labels < num_classes)),
         True,

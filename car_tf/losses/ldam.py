@@ -23,7 +23,6 @@ form) and a sample's weight is sum_k y_k w_k.
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from car_tf.losses.cross_entropy import (
@@ -52,7 +51,7 @@ def drw_class_weights(class_counts, beta=0.9999):
 
 @keras.saving.register_keras_serializable(package="car_tf")
 class LDAMLoss(keras.losses.Loss):
-    """Label-distribution-aware margin loss with per-class weights held in a tf.Variable.
+    """Label-distribution-aware margin loss with per-class weights held in a keras.Variable.
 
     Args:
         class_counts: training images per class (length K, all positive).
@@ -89,7 +88,7 @@ class LDAMLoss(keras.losses.Loss):
                 f"class_weights has {initial.size} entries but there are {num_classes} classes; "
                 "give one weight per class."
             )
-        self.class_weights = tf.Variable(initial, trainable=False, name="ldam_class_weights")
+        self.class_weights = keras.Variable(initial, trainable=False, name="ldam_class_weights")
 
     def call(self, y_true, y_pred):
         num_classes = num_classes_of(y_pred, self.class_counts)
@@ -115,14 +114,14 @@ class DRWSchedule(keras.callbacks.Callback):
     ``initial_epoch`` gets the right ones. Epochs count from 0, as in Keras and the released code.
 
     Args:
-        loss: an LDAMLoss (anything with ``class_counts`` and a ``class_weights`` tf.Variable).
+        loss: an LDAMLoss (anything with ``class_counts`` and a ``class_weights`` keras.Variable).
         start_epoch: first epoch with re-weighting (160 of 200 in the CIFAR-LT recipe).
         beta: effective-number parameter of the class-balanced weights.
     """
 
     def __init__(self, loss, start_epoch=160, beta=0.9999):
         super().__init__()
-        if not isinstance(getattr(loss, "class_weights", None), tf.Variable):
+        if not isinstance(getattr(loss, "class_weights", None), keras.Variable):
             raise ValueError(
                 f"DRWSchedule needs a loss with a class_weights variable such as LDAMLoss, got "
                 f"{type(loss).__name__}; pass the LDAMLoss itself."

@@ -5,6 +5,8 @@ import os
 
 import tensorflow as tf
 
+from car_tf.keras_compat import build_compiled_state, skip_fit_build_pass
+
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 
 
@@ -71,8 +73,8 @@ def prepare_for_multi_worker(model, strategy, dataset):
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
     with strategy.scope():
-        model._symbolic_build(data_batch=next(iter(dataset)))
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
+        build_compiled_state(model, next(iter(dataset)))
+    skip_fit_build_pass(model)
     train_step = model.train_step
     model.train_step = lambda data: {
         name: tf.reshape(value, [1]) for name, value in train_step(data).items()

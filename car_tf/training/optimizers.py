@@ -13,6 +13,8 @@ mode and keep updating their moving statistics on the new data.
 import keras
 from keras import ops
 
+from car_tf.keras_compat import optimizer_variable_index
+
 
 class _BackboneLearningRate:
     """Per-variable learning-rate multiplier for the variables whose paths are ``backbone_variables``."""
@@ -37,13 +39,12 @@ class _BackboneLearningRate:
     def build(self, var_list):
         super().build(var_list)
         backbone = set(self.backbone_variables)
-        # Indexed like the optimizer's own slot variables (see _get_variable_index).
+        # Indexed like the optimizer's own slot variables (see optimizer_variable_index).
         self._in_backbone = [v.path in backbone for v in var_list]
 
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = ops.cast(learning_rate, variable.dtype)
-        # Keras's own optimizers look up a variable's slots this way in update_step.
-        if self._in_backbone[self._get_variable_index(variable)]:
+        if self._in_backbone[optimizer_variable_index(self, variable)]:
             frozen = ops.less(self.iterations, self.freeze_steps)
             multiplier = ops.where(frozen, 0.0, self.backbone_lr_multiplier)
             learning_rate = learning_rate * ops.cast(multiplier, variable.dtype)
