@@ -34,11 +34,10 @@ def _assert_same_outputs(expected, got, atol, what):
 
 
 def _wrap_in_model(layer, inputs):
-    arrays = inputs if isinstance(inputs, tuple) else (inputs,)
-    symbolic = tuple(keras.Input(shape=a.shape[1:], dtype=str(a.dtype)) for a in arrays)
-    if not isinstance(inputs, tuple):
-        symbolic = symbolic[0]
-    return keras.Model(symbolic, _call(layer, symbolic))
+    """A functional model around ``layer``, its inputs shaped like ``inputs`` (nesting kept)."""
+    symbolic = keras.tree.map_structure(lambda a: keras.Input(shape=a.shape[1:], dtype=str(a.dtype)), inputs)
+    model_inputs = keras.tree.flatten(symbolic)
+    return keras.Model(model_inputs, _call(layer, symbolic))
 
 
 def assert_serialization_roundtrip(obj, inputs=None, *, atol=1e-6):
