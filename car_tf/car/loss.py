@@ -23,6 +23,7 @@ from car_tf.car import confusion, spectral
 from car_tf.keras_compat import in_symbolic_build
 from car_tf.losses.cross_entropy import checked_class_counts
 from car_tf.losses.registry import get_base_loss
+from car_tf.training.distribute import all_gather, replica_count
 
 EMA_INITS = ("first_batch", "zeros")
 
@@ -159,12 +160,8 @@ class CARLoss(keras.losses.Loss):
             differentiable_gate=self.differentiable_gate,
             label_classes=self.label_classes,
         )
-        rows = [ops.stop_gradient(contrib), ids, weights]
-        replica = tf.distribute.get_replica_context()
-        replicas = replica.num_replicas_in_sync if replica is not None else 1
-        if replicas > 1:  # every replica builds the same global C_t from all replicas' rows
-            rows = replica.all_gather(rows, axis=0)
-        all_contrib, all_ids, all_weights = rows
+        # Every replica builds the same global C_t from all replicas' rows.
+        all_contrib, all_ids, all_weights = all_gather([ops.stop_gradient(contrib), ids, weights])
         scale, mass = confusion.column_scales(all_ids, all_weights, self.num_classes)
         columns = all_contrib * scale[:, None]  # C_t's columns, one row per membership
         initialized = 1.0 if self.ema_init == "zeros" else state.initialized
@@ -190,7 +187,7 @@ class CARLoss(keras.losses.Loss):
         row_grad = ops.stop_gradient(u[None, :] * ops.take(per_class, ids)[:, None])  # [B*m, K]
         # Keras divides each replica's loss by the replica count; the rows of every replica
         # reach sigma, so each replica's share of the gradient is scaled back up.
-        linear = replicas * ops.sum(contrib * row_grad)
+        linear = replica_count() * ops.sum(contrib * row_grad)
         return ops.stop_gradient(sigma) + linear - ops.stop_gradient(linear)
 
     def _power_step(self, state, columns, ids, decay, weight, updating):

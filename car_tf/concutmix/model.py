@@ -15,6 +15,7 @@ from car_tf.concutmix.rectification import (
 from car_tf.keras_compat import aggregated_layer_loss, loss_tracker
 from car_tf.losses.cross_entropy import checked_class_counts, target_distribution
 from car_tf.models.registry import features_model
+from car_tf.training.distribute import all_gather, replica_count, replica_id
 from car_tf.ops import l2_normalize
 
 
@@ -210,15 +211,15 @@ class ConCutMixModel(CarriesCARState, keras.Model):
 
     def _contrastive(self, view_projections, label_a, prototypes):
         labels = tf.concat([label_a, label_a], axis=0)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replicas = replica_count()
         keys = {}
         if replicas > 1:
             # Every replica contrasts its anchors with the whole global batch, as one device would.
-            context = tf.distribute.get_replica_context()
+            # Gathered one at a time: the int32 labels live on the host, the features do not.
             keys = {
-                "key_features": context.all_gather(view_projections, axis=0),
-                "key_labels": context.all_gather(labels, axis=0),
-                "anchor_offset": context.replica_id_in_sync_group * tf.shape(labels)[0],
+                "key_features": all_gather(view_projections),
+                "key_labels": all_gather(labels),
+                "anchor_offset": replica_id() * tf.shape(labels)[0],
             }
         per_sample = balanced_contrastive_loss(
             view_projections, labels, prototypes, self.temperature, **keys
