@@ -130,8 +130,10 @@ class CARLoss(keras.losses.Loss):
             )
         y_true = _checked_labels(y_true, self.num_classes)  # before any gather by label
         per_sample = ops.cast(self.base.call(y_true, logits), "float32")
-        if self.state is None and in_symbolic_build():
-            return per_sample  # Keras's shape-only build pass under a strategy, before callbacks run
+        if in_symbolic_build():
+            # Keras's shape-only build pass (under a strategy, before callbacks run; in the
+            # cross-replica context under MultiWorkerMirroredStrategy): no state is read or changed.
+            return per_sample
         if self.state is None:
             raise ValueError(
                 "CARLoss has no state on the model; pass car_tf.CARCallback(loss) to model.fit, "
