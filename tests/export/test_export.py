@@ -18,7 +18,7 @@ from export.onnx_export import check_opset, convert_to_onnx
 from export.parity import ExportParityError, check_parity
 from export.saved_model import deployable_model, float32_copy, is_float32
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLASSES = ["airplane", "automobile", "frog", "ship"]
 TRAIN_COUNTS = [150, 60, 30, 10]
 TEST_PER_CLASS = 25

@@ -8,7 +8,7 @@ import tensorflow as tf
 import car_tf
 from car_tf.car.state import attach_car_state
 from strategy_helpers import assert_results_close, run_under_strategies
-from test_car_math import np_batch_confusion, np_frequency_weights, np_softmax, numeric_gradient
+from test_math import np_batch_confusion, np_frequency_weights, np_softmax, numeric_gradient
 
 COUNTS = [40, 20, 8, 4]
 

@@ -231,7 +231,7 @@ def test_cli_writes_a_run_directory_the_harness_reads(tmp_path):
         "--prior_stddev=1", "--flow_epochs=2", "--flow_batch_size=32", "--classifier_epochs=3",
         "--batch_size=16", "--noprogress",
     ]
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,7 +19,7 @@ from car_tf.decoupled.terms import (
     feature_norm_penalty,
     hyperspherical_energy,
 )
-from test_concutmix_model import tiny_classifier, toy_data, toy_stage
+from concutmix_helpers import tiny_classifier, toy_data, toy_stage
 
 COUNTS = [12, 6, 4, 2]
 K = len(COUNTS)

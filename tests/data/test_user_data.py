@@ -2,39 +2,16 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
 from car_tf import cli
 from car_tf import train as train_cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLOURS = {"a": (220, 40, 40), "b": (40, 200, 40), "c": (40, 40, 220)}
-UNEVEN = {"a": 30, "b": 12, "c": 5}
-
-
-def write_folder(root, counts, seed=0):
-    """Class folders of 16x16 PNGs, ``counts[name]`` images each."""
-    rng = np.random.default_rng(seed)
-    for name, count in counts.items():
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image = np.clip(np.array(COLOURS[name]) + rng.normal(0, 30, (16, 16, 3)), 0, 255)
-            tf.io.write_file(str(folder / f"{i:03d}.png"), tf.io.encode_png(image.astype(np.uint8)))
-    return root
-
-
-def parse(argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["train", *argv])
-    return flags.FLAGS
+from train_helpers import ROOT, parse, write_class_folders
 
 
 def train_args(data_dir, model_dir, *extra):
@@ -103,8 +80,8 @@ def test_errors_become_one_sentence():
 
 
 def test_test_folder_without_a_class_is_refused_before_training(tmp_path):
-    write_folder(tmp_path / "data" / "train", UNEVEN)
-    write_folder(tmp_path / "data" / "test", {"a": 2, "c": 2})
+    write_class_folders(tmp_path / "data" / "train", UNEVEN)
+    write_class_folders(tmp_path / "data" / "test", {"a": 2, "c": 2})
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match=r"has no images of training class\(es\) 'b'; give both splits"):
         train_cli.train_and_evaluate(parse(["--dataset=folder", *train_args(tmp_path / "data", run_dir)]))
@@ -127,8 +104,8 @@ def uneven_folder(tmp_path_factory):
     """train/ 30 / 12 / 5 PNGs plus a truncated JPEG and a text file named .jpg; test/ 4 each plus
     one unreadable file."""
     root = tmp_path_factory.mktemp("uneven")
-    write_folder(root / "train", UNEVEN)
-    write_folder(root / "test", {name: 4 for name in UNEVEN}, seed=1)
+    write_class_folders(root / "train", UNEVEN)
+    write_class_folders(root / "test", {name: 4 for name in UNEVEN}, seed=1)
     jpeg = tf.io.encode_jpeg(tf.fill([40, 40, 3], tf.constant(90, tf.uint8))).numpy()
     (root / "train" / "a" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "train" / "b" / "notes.jpg").write_text("not a picture")

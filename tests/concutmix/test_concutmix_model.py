@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from concutmix_helpers import tiny_classifier, toy_data, toy_stage
 from strategy_helpers import assert_results_close, run_under_strategies
 
 from car_tf.concutmix import (
@@ -12,7 +13,6 @@ from car_tf.concutmix import (
     ConCutMixModel,
     balanced_contrastive_loss,
     class_prototypes,
-    concutmix_stage,
     rectification_weight,
     rectify,
     semantic_label,
@@ -155,54 +155,14 @@ def test_balanced_contrastive_loss_gradient_vs_finite_differences():
     np.testing.assert_allclose(grad, numeric, atol=2e-3, rtol=2e-2)
 
 
-def tiny_classifier(num_classes=4, size=8):
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
-    return keras.Model(inputs, keras.layers.Dense(num_classes, name="classifier")(x))
-
-
 def soft_ce(y_true, y_pred):
     """Per-sample soft-label cross-entropy on logits."""
     return keras.losses.categorical_crossentropy(y_true, y_pred, from_logits=True)
 
 
-def toy_data(num=240, num_classes=4, size=8, seed=0):
-    """Class c: noisy images whose mean colour is distinct per class; long-tailed counts."""
-    rng = np.random.default_rng(seed)
-    counts = np.array([num // 2, num // 4, num // 6, num - num // 2 - num // 4 - num // 6])
-    labels = np.repeat(np.arange(num_classes), counts).astype(np.int32)
-    rng.shuffle(labels)
-    palette = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30]], np.float32)
-    images = palette[labels][:, None, None, :] + rng.normal(0, 25, (num, size, size, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels, counts
-
-
 def identity(images, seed):
     del seed
     return images
-
-
-def flip(images, seed):
-    return tf.image.stateless_random_flip_left_right(images, seed)
-
-
-def toy_stage(images, labels, batch=16, seed=0, epochs=1):
-    steps = len(labels) // batch
-    stream = (
-        tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels))
-        .batch(batch, drop_remainder=True)
-        .repeat(epochs)
-    )
-    return concutmix_stage(
-        stream,
-        (images, labels),
-        num_classes=4,
-        seed=seed,
-        view_augment=flip,
-        steps_per_epoch=steps,
-    )
 
 
 def test_model_trains_on_toy_problem():

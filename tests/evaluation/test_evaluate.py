@@ -168,7 +168,7 @@ def test_cli_on_an_image_folder(tmp_path):
                "--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--skip_corrupt", "--on_train",
                "--train_counts=[30, 12, 5, 3]",
                f"--output_dir={tmp_path / 'out'}"]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(command, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "top-1" in out.stdout and "gap to test" in out.stdout
