@@ -63,20 +63,13 @@ def _prepare(images, image_size, recipe):
     return np.stack(prepared)
 
 
-def read_run_flags(run_dir):
-    """``--name=value`` pairs of a run's flags.txt as a dict (empty if there is none)."""
-    path = pathlib.Path(run_dir) / "flags.txt"
-    if not path.is_file():
-        return {}
-    pairs = (line.strip()[2:].split("=", 1) for line in path.read_text().splitlines())
-    return {p[0]: p[1] for p in pairs if len(p) == 2}
-
-
 def _run_test_images(run_dir, count):
     from car_tf.data.sources import DATA_DIR_ENV, load_dataset
 
+    from car_tf.training.run_directory import read_flagfile
+
     run_info = json.loads((pathlib.Path(run_dir) / "run.json").read_text())
-    flags = read_run_flags(run_dir)
+    flags = {name: line.split("=", 1)[1] for name, line in (read_flagfile(run_dir) or {}).items() if "=" in line}
     data_dir = flags.get("data_dir") or os.environ.get(DATA_DIR_ENV)
     if not data_dir or "dataset" not in run_info:
         return None  # without a local data folder the loader would download: never do that here

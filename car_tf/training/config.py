@@ -124,7 +124,16 @@ class TrainConfig:
     """Everything ``car_tf.training.trainer.train`` needs.
 
     ``settings`` maps every registered method's name (car_tf.training.methods) to its
-    configuration dataclass; ``choice`` says which of them the run uses.
+    configuration dataclass (default: each method's defaults); ``choice`` says which of them the
+    run uses. For example, CAR on logit adjustment over a folder of images::
+
+        config = TrainConfig(
+            run=RunConfig(model_dir="runs/mine"),
+            data=DataConfig(dataset="folder", data_dir="my_images"),
+            loss=BaseLossConfig(base_loss="logit_adjusted"),
+            choice=MethodChoice(method="car"),
+        )
+        report = car_tf.training.trainer.train(config)
     """
 
     run: RunConfig
@@ -133,7 +142,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: BaseLossConfig = BaseLossConfig()
     choice: MethodChoice = MethodChoice()
-    settings: dict = dataclasses.field(default_factory=dict)
+    settings: dict = dataclasses.field(default_factory=lambda: _default_settings())
 
     def sections(self):
         """The configuration's dataclasses: its own sections, then the methods' settings."""
@@ -147,6 +156,12 @@ class TrainConfig:
             for field in dataclasses.fields(section)
             if (serialized := _flag(field.name, getattr(section, field.name))) is not None
         }
+
+
+def _default_settings():
+    from car_tf.training.methods import default_settings
+
+    return default_settings()
 
 
 def _flag(name, value):

@@ -13,6 +13,7 @@ from car_tf import train as train_cli
 
 from train_helpers import ROOT, parse, write_class_folders
 
+UNEVEN = {"a": 30, "b": 12, "c": 5}
 
 def train_args(data_dir, model_dir, *extra):
     return [f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--batch_size=8", "--epochs=1",

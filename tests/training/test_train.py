@@ -109,3 +109,23 @@ def test_nan_loss_stops_with_one_sentence(tmp_path):
     guard.on_train_batch_end(0, {"loss": 0.7})
     with pytest.raises(FloatingPointError, match=r"became nan at epoch 3, step 5; lower --lr"):
         guard.on_train_batch_end(5, {"loss": float("nan")})
+
+
+@pytest.mark.slow
+def test_trainer_runs_from_a_configuration_without_flags(tiny_folder, tmp_path):
+    from car_tf.training import config as run_config
+
+    config = run_config.TrainConfig(
+        run=run_config.RunConfig(model_dir=str(tmp_path / "lib"), deterministic=True, verbose=False),
+        data=run_config.DataConfig(
+            dataset="folder", data_dir=str(tiny_folder), imbalance_factor=4.5, data_recipe="cifar", image_size=16
+        ),
+        optimizer=run_config.OptimizerConfig(epochs=3, batch_size=12, lr=0.05, warmup_epochs=0, lr_decay_epochs=(2,)),
+        loss=run_config.BaseLossConfig(base_loss="ldam_drw"),
+        choice=run_config.MethodChoice(method="car"),
+    )
+    report = trainer.train(config)
+    assert report["top1"] > 1 / 3 and [m for m in config.settings] == ["decoupled", "car", "concutmix"]
+    info = json.loads((tmp_path / "lib" / "run.json").read_text())
+    assert info["methods"] == ["car"] and info["base_loss"] == "ldam_drw"
+    assert json.loads((tmp_path / "lib" / "report.json").read_text())["top1"] == report["top1"]
