@@ -77,7 +77,7 @@ flags.DEFINE_enum("uniformity", "mhe", ["mhe", "gaussian"], "Uniformity term: en
 flags.DEFINE_float("feature_norm_weight", 0.01, "Weight of the feature-norm term (decoupled loss).")
 flags.DEFINE_float("target_norm", 10.0, "Target feature norm of the decoupled loss.")
 flags.DEFINE_enum("feature_norm", "hinge", ["hinge", "ring"], "Feature-norm term form.")
-# CAR (SPEC.md section 1).
+# CAR (CVPR 2026, arXiv 2603.16732).
 flags.DEFINE_float("spec_lambda", 0.3, "Weight lambda of the CAR penalty.")
 flags.DEFINE_float("spec_beta", 0.9, "EMA momentum of the confusion matrix (paper: 0.5).")
 flags.DEFINE_float("spec_r0", 0.2, "Offset r0 of the frequency weights.")
@@ -90,7 +90,7 @@ flags.DEFINE_enum("spectral_method", "auto", ["auto", "svd", "power"], "How sigm
 flags.DEFINE_integer("power_iterations", 20, "At most this many warm-started power-iteration passes per step.")
 flags.DEFINE_float("power_tolerance", 3e-6, "Power iteration stops once a pass raises sigma by less than this fraction.")
 flags.DEFINE_integer("lambda_warmup_epochs", 0, "Epochs of linear lambda ramp-up (released code: 0).")
-# ConCutMix (SPEC.md section 2).
+# ConCutMix (Pan et al., TIP 2024, arXiv 2407.04911).
 flags.DEFINE_float("ccm_alpha", 2.0, "Weight of the classification term.")
 flags.DEFINE_float("ccm_beta", 0.6, "Weight of the balanced contrastive term.")
 flags.DEFINE_float("ccm_temperature", 0.1, "Contrastive temperature.")

@@ -1,4 +1,4 @@
-"""CAR's differentiable confusion surrogate, frequency weights and EMA (SPEC.md section 1).
+"""CAR's differentiable confusion surrogate, frequency weights and EMA (CAR, CVPR 2026, arXiv 2603.16732).
 
 Pure functions of tensors; the state that carries the EMA across steps lives in ``car_state.py``.
 Conventions: rows are predicted classes i, columns are true classes j, the diagonal is zero.
@@ -69,7 +69,7 @@ def column_scales(ids, weights, num_classes):
 
 
 def batch_confusion(logits, y_true, **kwargs):
-    """The dense batch surrogate C_t [K, K] of SPEC.md section 1 (options as in contributions).
+    """The dense batch surrogate C_t [K, K] of CAR (CVPR 2026; options as in contributions).
 
     C_t[i, j] = sum over rows q of class j of contrib[q, i] / max(1, mass_j). Training never forms
     it: the EMA takes the scaled rows directly (``CARState.update_ema``).

@@ -1,4 +1,4 @@
-"""CARLoss: a base classification loss plus lambda * sigma_max(Cbar diag(w)) (SPEC.md section 1).
+"""CARLoss: a base classification loss plus lambda * sigma_max(Cbar diag(w)) (CAR, CVPR 2026, arXiv 2603.16732).
 
 Use it with CARCallback, which puts the loss's state (the EMA, the power-iteration vectors, lambda)
 on the model so that checkpoints carry it::

@@ -1,5 +1,5 @@
 """CAR as the trainer sees it: CARLoss around the base loss, its state on the model and
-CARCallback (SPEC of the released code: README, "CAR in your own Keras code")."""
+CARCallback (README, "CAR in your own Keras code")."""
 
 import dataclasses
 

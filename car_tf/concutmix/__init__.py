@@ -21,9 +21,9 @@ from car_tf.concutmix.stage import (
     per_image,
 )
 
-# Released settings (SPEC.md section 2). "tau" is the logit-adjustment strength of the CE term
-# (released range 0.75-1.0 on CIFAR); the model keys match ConCutMixModel's arguments. SPEC.md
-# gives no l_d_warm or batch size for ImageNet-LT / iNaturalist: l_d_warm keeps the CIFAR value
+# Released settings (Pan et al., TIP 2024, arXiv 2407.04911). "tau" is the logit-adjustment strength of the CE term
+# (released range 0.75-1.0 on CIFAR); the model keys match ConCutMixModel's arguments. No
+# l_d_warm or batch size is published for ImageNet-LT / iNaturalist: l_d_warm keeps the CIFAR value
 # (so with 90 or 100 epochs rectification starts late or never) and batch_size is left out.
 _CIFAR = {
     "backbone": "resnet32",

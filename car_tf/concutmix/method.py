@@ -1,5 +1,5 @@
 """ConCutMix as the trainer sees it: its tf.data stage on the training stream and ConCutMixModel
-around the classifier (its loss: logit-adjusted CE, SPEC of the released code)."""
+around the classifier (its loss: logit-adjusted CE, as released)."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""ConCutMixModel: a classifier trained with rectified balanced CutMix + BCL (SPEC.md section 2)."""
+"""ConCutMixModel: a classifier trained with rectified balanced CutMix + BCL (Pan et al., TIP 2024, arXiv 2407.04911)."""
 import keras
 import numpy as np
 import tensorflow as tf

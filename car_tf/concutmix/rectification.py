@@ -1,4 +1,4 @@
-"""ConCutMix label rectification (SPEC.md section 2, steps 3-4): pure tensor functions.
+"""ConCutMix label rectification (Pan et al., TIP 2024, arXiv 2407.04911, steps 3-4): pure tensor functions.
 
 The area label of a CutMix image says how much of it came from A and from B; the semantic label
 says which classes its projection lies nearest to. The rectified label blends the two with a

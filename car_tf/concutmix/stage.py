@@ -1,4 +1,4 @@
-"""ConCutMix as a tf.data stage (SPEC.md section 2, steps 1-2): balanced CutMix plus two views.
+"""ConCutMix as a tf.data stage (Pan et al., TIP 2024, arXiv 2407.04911, steps 1-2): balanced CutMix plus two views.
 
 ``concutmix_batch_hook`` plugs this stage, with the recipe's augmentations, into
 car_tf.data.train_dataset (its ``batch_hook``). By hand, with the stream's images (augmented by

@@ -1,4 +1,4 @@
-"""DLSA: flow-based label-space adjustment on frozen features (SPEC.md section 4).
+"""DLSA: flow-based label-space adjustment on frozen features (Xu et al., ECCV 2022, arXiv 2208.02567).
 
 Run it on a trained run with ``python -m car_tf.dlsa --model_dir=RUN``; from Python, fit it on
 features with ``fit_dlsa(features, labels, num_classes, DLSAConfig(...))``. Importing this package

@@ -1,4 +1,4 @@
-"""DLSA on a trained run (SPEC.md section 4)::
+"""DLSA on a trained run (Xu et al., ECCV 2022, arXiv 2208.02567)::
 
     python -m car_tf.dlsa --model_dir=runs/x [--output_dir=runs/x/dlsa] [--depth=3 ...]
 

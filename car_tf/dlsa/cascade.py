@@ -1,4 +1,4 @@
-"""DLSA's cascade of flow filters and its label-space mapping (SPEC.md sections 4.3-4.4).
+"""DLSA's cascade of flow filters and its label-space mapping (Xu et al., ECCV 2022, arXiv 2208.02567).
 
 Stage s (s = 0 .. depth-1) trains a new flow on the samples still remaining, keeps the
 ``keep_fraction`` of them with the highest log-likelihood (threshold = the train-derived

@@ -1,4 +1,4 @@
-"""DLSA's per-stage classifiers (SPEC.md section 4.5).
+"""DLSA's per-stage classifiers (Xu et al., ECCV 2022, arXiv 2208.02567).
 
 Each stage's classifier is Linear(x) + Linear(side), side = [z; cluster prior] for a filter stage
 and z for the final stage. It is trained with Balanced Softmax over the class counts of the

@@ -12,7 +12,7 @@ from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
 
 @dataclasses.dataclass(frozen=True)
 class DLSAConfig:
-    """Everything ``fit_dlsa`` needs besides the data (defaults: SPEC.md section 4)."""
+    """Everything ``fit_dlsa`` needs besides the data (defaults: Xu et al., ECCV 2022, arXiv 2208.02567)."""
 
     depth: int = 1
     keep_fraction: float = 0.3

@@ -1,4 +1,4 @@
-"""Masked autoregressive flow with a Gaussian-mixture prior (DLSA, SPEC.md section 4.1).
+"""Masked autoregressive flow with a Gaussian-mixture prior (DLSA, Xu et al., ECCV 2022, arXiv 2208.02567).
 
 The flow maps a feature x in R^D to a latent z through blocks of
 

@@ -1,4 +1,4 @@
-"""Training of DLSA's flow on frozen features (SPEC.md section 4.2).
+"""Training of DLSA's flow on frozen features (Xu et al., ECCV 2022, arXiv 2208.02567).
 
 Each step draws P anchors (one pass over the samples per epoch, in a fresh random order) and,
 for each anchor of class y, a partner: a class drawn uniformly from the other classes present,

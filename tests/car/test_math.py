@@ -19,7 +19,7 @@ def np_sigmoid(x):
 
 
 def np_batch_confusion(logits, labels, temperature=1.0, margin=0.0):
-    """Loop-by-loop transcription of SPEC.md section 1 for integer or soft (top-2) labels."""
+    """Loop-by-loop transcription of the CAR paper (CVPR 2026, arXiv 2603.16732) for integer or soft (top-2) labels."""
     batch, k = logits.shape
     numerator = np.zeros((k, k))
     mass = np.zeros(k)
@@ -126,7 +126,7 @@ def test_frequency_weights_match_numpy(count_based):
     if count_based:
         assert spread > 8  # about 10x between tail and head
     else:
-        assert 1.08 < spread < 1.14  # SPEC: about 1.11 on CIFAR-100-LT
+        assert 1.08 < spread < 1.14  # about 1.11 on CIFAR-100-LT
 
 
 def test_frequency_weights_clamp():
@@ -135,7 +135,7 @@ def test_frequency_weights_clamp():
 
 
 def np_ema(batches, beta, ema_init):
-    """The dense recurrence of SPEC.md section 1 in float64, one C_t per training batch."""
+    """The dense recurrence of the CAR paper (CVPR 2026, arXiv 2603.16732) in float64, one C_t per training batch."""
     ema = None
     for c in batches:
         if ema is None:
