@@ -12,7 +12,8 @@ import pathlib
 
 import numpy as np
 
-RUN_FILE = "run.json"
+from car_tf.training.run_directory import RUN_FILE
+
 RUN_MODEL_FILE = "model.keras"
 # Modules whose import registers the serialisable layers a car_tf model.keras can hold.
 SERIALIZABLE_MODULES = (

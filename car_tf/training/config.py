@@ -98,12 +98,12 @@ class BaseLossConfig:
             raise ValueError(f"--base_loss={self.base_loss!r} is not known; use one of {', '.join(BASE_LOSSES)}.")
         object.__setattr__(self, "base_loss", name)
 
-    def options(self, cosine_scale, method_options=None):
+    def options(self, cosine_scale):
         """Keyword options of the base loss (the decoupled loss takes its margin from its method)."""
         return {
             "ldam_drw": {"max_margin": self.ldam_max_margin, "scale": self.ldam_scale},
             "logit_adjusted": {"tau": self.la_tau},
-            "decoupled": {"scale": cosine_scale, **(method_options or {})},
+            "decoupled": {"scale": cosine_scale},
         }.get(self.base_loss, {})
 
 
@@ -174,7 +174,7 @@ def _flag(name, value):
     return f"--{name}={value}"
 
 
-def section_from(cls, values, **overrides):
+def section_from(cls, values):
     """``cls`` built from the attributes of ``values`` named like its fields (absl FLAGS, say)."""
     fields = {f.name: getattr(values, f.name) for f in dataclasses.fields(cls) if hasattr(values, f.name)}
-    return cls(**{**fields, **overrides})
+    return cls(**fields)
