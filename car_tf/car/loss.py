@@ -16,14 +16,13 @@ is scaled back by the replica count, so the summed gradient is exactly d penalty
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
+from car_tf.backend import all_gather, checked_labels, read, replica_count
 from car_tf.car import confusion, spectral
 from car_tf.keras_compat import in_symbolic_build
 from car_tf.losses.cross_entropy import checked_class_counts
 from car_tf.losses.registry import get_base_loss
-from car_tf.training.distribute import all_gather, replica_count
 
 EMA_INITS = ("first_batch", "zeros")
 
@@ -140,7 +139,7 @@ class CARLoss(keras.losses.Loss):
                 "or call car_tf.attach_car_state(model, loss) before training."
             )
         sigma = self.penalty(logits, y_true)  # NaN logits give a NaN loss, as without CAR
-        return per_sample + self.state.spec_lambda * sigma
+        return per_sample + read(self.state.spec_lambda) * sigma
 
     def penalty(self, logits, labels):
         """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect.
@@ -166,8 +165,8 @@ class CARLoss(keras.losses.Loss):
         all_contrib, all_ids, all_weights = all_gather([ops.stop_gradient(contrib), ids, weights])
         scale, mass = confusion.column_scales(all_ids, all_weights, self.num_classes)
         columns = all_contrib * scale[:, None]  # C_t's columns, one row per membership
-        initialized = 1.0 if self.ema_init == "zeros" else state.initialized
-        updating = ops.cast(state.updating, "float32")
+        initialized = 1.0 if self.ema_init == "zeros" else read(state.initialized)
+        updating = ops.cast(read(state.updating), "float32")
         # Evaluation (updating = 0) scores the stored EMA and changes no state.
         decay, weight = confusion.ema_coefficients(self.beta, initialized, updating)
         state.update_ema(columns, all_ids, decay, weight, updating)
@@ -178,8 +177,8 @@ class CARLoss(keras.losses.Loss):
             sigma = spectral.spectral_norm(a, u, v)
         else:
             u, v, sigma = self._power_step(state, columns, all_ids, decay, weight, updating)
-        state.initialized.assign(ops.maximum(state.initialized, updating))
-        state.last_sigma.assign(ops.where(updating > 0, sigma, state.last_sigma))
+        state.initialized.assign(ops.maximum(read(state.initialized), updating))
+        state.last_sigma.assign(ops.where(updating > 0, sigma, read(state.last_sigma)))
         state.sigma_sum.assign_add(updating * sigma)
         state.sigma_count.assign_add(updating)
 
@@ -199,12 +198,12 @@ class CARLoss(keras.losses.Loss):
         EMA run while sigma has not converged to the tolerance (none during evaluation).
         """
         frequency = ops.convert_to_tensor(self.weights)
-        u, v = state.power_u, state.power_v
+        u, v = read(state.power_u), read(state.power_v)
         decay, weight = ops.cast(decay, "float32"), ops.cast(weight, "float32")
         batch_av = ops.matmul(ops.take(frequency * v, ids)[None, :], columns)[0]  # C_t (w v)
         batch_atu = ops.segment_sum(ops.matmul(columns, u[:, None])[:, 0], ids, self.num_classes)
-        av = decay * state.power_av + weight * batch_av
-        atu = decay * state.power_atu + weight * frequency * batch_atu  # w (C_t^T u)
+        av = decay * read(state.power_av) + weight * batch_av
+        atu = decay * read(state.power_atu) + weight * frequency * batch_atu  # w (C_t^T u)
 
         def matvec(x):
             return state.ema_times(frequency * x)
@@ -253,21 +252,8 @@ class CARLoss(keras.losses.Loss):
 
 
 def _checked_labels(y_true, num_classes):
-    """Integer labels checked to lie in [0, K) before anything indexes by them; soft labels as given.
-
-    Under tf.function the check is a data dependency of the returned labels, so it fails with
-    this message before a gather or segment sum can fail with its own.
-    """
+    """Integer labels checked to lie in [0, K) before anything indexes by them; soft labels as given."""
     y_true = ops.convert_to_tensor(y_true)
     if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes:
         return y_true
-    labels = ops.cast(y_true, "int32")
-    # keras.ops has no assertion; inside fit's tf.function only a graph assertion stops the step.
-    check = tf.debugging.assert_equal(
-        tf.reduce_all((labels >= 0) & (labels < num_classes)),
-        True,
-        message=f"a label lies outside [0, {num_classes}); check the data set's labels and "
-        "the number of classes.",
-    )
-    with tf.control_dependencies([check]):
-        return tf.identity(labels)
+    return checked_labels(y_true, num_classes)

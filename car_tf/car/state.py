@@ -8,11 +8,13 @@ replicas compute the same update from the gathered batch confusion, so one copy 
 variable stays identical on every replica.
 """
 
+import contextlib
 import warnings
 
 import keras
 from keras import ops
 
+from car_tf.backend import is_tensorflow
 from car_tf.keras_compat import FunctionalModel
 
 ATTRIBUTE = "car_state"
@@ -63,12 +65,14 @@ class CARState(keras.layers.Layer):
 
     def ema_matrix(self):
         """The EMA confusion Cbar [K, K] as a dense tensor (rows predicted, columns true class)."""
-        decay = ops.cast(self.ema_decay, "float32")
-        return ops.transpose(decay[:, None] * self.ema_columns)
+        decay = ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
+        return ops.transpose(decay[:, None] * ops.convert_to_tensor(self.ema_columns))
 
     def ema_times(self, x):
         """Cbar x [K] without forming Cbar: one pass over the stored columns, block by block."""
-        decay_x = ops.cast(self.ema_decay, "float32") * x
+        decay_x = ops.cast(ops.convert_to_tensor(self.ema_decay), "float32") * x
+        if not is_tensorflow():
+            return ops.matmul(decay_x[None, :], self.ema_columns.value)[0]
 
         def times(total, block, rows, valid):
             weights = ops.where(valid, ops.take(decay_x, rows), 0.0)
@@ -78,11 +82,14 @@ class CARState(keras.layers.Layer):
 
     def ema_transpose_times(self, u):
         """Cbar^T u [K] without forming Cbar: one pass over the stored columns, block by block."""
+        decay = ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
+        if not is_tensorflow():
+            return decay * ops.matmul(self.ema_columns.value, u[:, None])[:, 0]
 
         def times(total, block, rows, valid):
             return ops.scatter_update(total, rows[:, None], ops.matmul(block, u[:, None])[:, 0])
 
-        return ops.cast(self.ema_decay, "float32") * _blockwise(self.ema_columns, times)
+        return decay * _blockwise(self.ema_columns, times)
 
     def update_ema(self, columns, ids, decay, weight, updating):
         """Cbar <- decay * Cbar + weight * C_t, touching only the batch's columns (O(K * B)).
@@ -93,15 +100,17 @@ class CARState(keras.layers.Layer):
         """
         present = ops.segment_sum(ops.ones_like(ids, "float32"), ids, self.num_classes) > 0
         present = ops.logical_and(present, ops.cast(updating, "bool"))
-        decayed = decay * self.ema_decay
-        rows, inverse = ops.unique(ids, return_inverse=True)
+        decayed = decay * ops.convert_to_tensor(self.ema_decay)
+        rows, inverse, padding = _distinct(ids)
         summed = ops.segment_sum(columns, inverse, num_segments=ops.shape(rows)[0])
         # Bring the batch's stored columns up to date and add the batch; their d_j becomes 1.
         factor = ops.where(ops.take(present, rows), ops.take(decayed, rows), 1.0)
         factor = ops.cast(factor, "float32")
         stored = _read_rows(self.ema_columns, rows)
         weight = ops.cast(weight, "float32")
-        _write_rows(self.ema_columns, rows, factor[:, None] * stored + weight * summed)
+        new = factor[:, None] * stored + weight * summed
+        # Padding slots repeat the first row: they write its value, so repeated writes agree.
+        _write_rows(self.ema_columns, rows, ops.where(padding[:, None], new[:1], new))
         self.ema_decay.assign(ops.where(present, 1.0, decayed))
 
     def reset_epoch_statistics(self):
@@ -134,6 +143,24 @@ class CarriesCARState:
     state in ``__init__`` (``self.car_state = car_tf.CARState(num_classes)``).
     """
 
+    @property
+    def weights(self):
+        return self._with_state(super().weights, "weights")
+
+    @property
+    def variables(self):
+        return self._with_state(super().variables, "variables")
+
+    def _with_state(self, variables, kind):
+        """``variables`` and the state's: a Functional or Sequential model does not list a layer
+        set as an attribute after it was built, and JAX's stateless train step carries only the
+        variables the model lists."""
+        state = getattr(self, ATTRIBUTE, None)
+        if state is None:
+            return variables
+        seen = {id(v) for v in variables}
+        return variables + [v for v in getattr(state, kind) if id(v) not in seen]
+
     def get_config(self):
         config = super().get_config()
         state = getattr(self, ATTRIBUTE, None)
@@ -165,6 +192,21 @@ class CARSequential(CarriesCARState, keras.Sequential):
 _CARRIERS = {FunctionalModel: CARFunctional, keras.Sequential: CARSequential}
 
 
+def _distinct(ids):
+    """(sorted distinct ids, each id's slot, padding mask) of a batch's class ids.
+
+    TensorFlow takes as many slots as there are ids; a compiled JAX program needs a static size, so
+    there the slots are as many as the ids and the spare ones repeat the smallest id (flagged).
+    """
+    if is_tensorflow():
+        rows, inverse = ops.unique(ids, return_inverse=True)
+        return rows, inverse, ops.zeros_like(rows, "bool")
+    size = ids.shape[0]
+    rows, inverse = ops.unique(ids, return_inverse=True, size=size)  # padded with min(ids)
+    distinct = ops.sum(ops.cast(rows[1:] > rows[:-1], "int32")) + 1  # ascending, then padding
+    return rows, ops.reshape(inverse, (-1,)), ops.arange(size) >= distinct
+
+
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense
 # read once it has been updated in place (so that row updates never copy it), so a pass over the
 # whole matrix reads it in blocks of about _BLOCK_VALUES numbers (16 MiB): no K x K copy.
@@ -173,6 +215,8 @@ _BLOCK_VALUES = 2**22
 
 def _read_rows(variable, rows):
     """variable[rows] without reading the whole variable (this replica's copy under a strategy)."""
+    if not is_tensorflow():
+        return ops.take(variable.value, rows, axis=0)
     import tensorflow as tf
 
     handle = variable.value.handle
@@ -180,7 +224,14 @@ def _read_rows(variable, rows):
 
 
 def _write_rows(variable, rows, values):
-    """variable[rows] = values in place (rows without repeats); keras.ops scatters out of place."""
+    """variable[rows] = values (repeated rows with equal values), in place under TensorFlow.
+
+    keras.ops scatters out of place; under JAX the compiled step donates the state, so XLA
+    updates the buffer in place.
+    """
+    if not is_tensorflow():
+        variable.assign(ops.scatter_update(variable.value, rows[:, None], values))
+        return
     import tensorflow as tf
 
     variable.value.scatter_update(tf.IndexedSlices(values, rows))
@@ -222,7 +273,9 @@ def attach_car_state(model, loss):
             f"{loss.num_classes} class counts; build the loss with the model's class counts."
         )
     if state is None:
-        with model.distribute_strategy.scope():
+        # Under JAX the global keras.distribution (if any) places the new variables.
+        scope = model.distribute_strategy.scope() if is_tensorflow() else contextlib.nullcontext()
+        with scope:
             state = CARState(loss.num_classes, spec_lambda=loss.spec_lambda, name=ATTRIBUTE)
         fix = (
             f"create the state in the model's __init__: self.{ATTRIBUTE} = "

@@ -8,7 +8,6 @@ typically leaves all three lower for the few-shot group; the decoupled loss's te
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from car_tf.data.longtail import GROUPS, class_groups
 from car_tf.losses.cross_entropy import class_ids
@@ -17,6 +16,8 @@ from car_tf.models.registry import features_model
 
 def _feature_extractor(model):
     """A tf.function mapping images to the output of ``model``'s "features" layer."""
+    import tensorflow as tf  # the diagnostics read tf.data batches; the rest of the package runs on any backend
+
     extractor = features_model(model, with_logits=False)
     return tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
 

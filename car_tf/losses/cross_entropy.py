@@ -7,8 +7,9 @@ itself), and accepts int labels [B] or [B, 1] as well as soft labels [B, K] whos
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
+
+from car_tf.backend import checked_labels
 
 
 def checked_class_counts(class_counts):
@@ -51,15 +52,7 @@ def target_distribution(y_true, num_classes):
             f"labels of shape {tuple(y_true.shape)} are neither int class ids [B] / [B, 1] nor "
             f"soft labels [B, {num_classes}]; give the data set one of those label shapes."
         )
-    labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
-    # keras.ops has no assertion; inside fit's tf.function only a graph assertion stops the step
-    # with this sentence (one_hot would silently give a zero row).
-    tf.debugging.assert_equal(
-        tf.reduce_all((labels >= 0) & (labels < num_classes)),
-        True,
-        message=f"a label lies outside [0, {num_classes}); check the data set's labels and the "
-        "number of classes.",
-    )
+    labels = checked_labels(ops.reshape(y_true, (-1,)), num_classes)  # one_hot gives 0 rows else
     return ops.one_hot(labels, num_classes, dtype="float32")
 
 

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from car_tf.backend import is_tensorflow
 from car_tf.losses.cross_entropy import (
     checked_class_counts,
     num_classes_of,
@@ -140,4 +141,10 @@ class DRWSchedule(keras.callbacks.Callback):
         return np.ones_like(self.balanced_weights)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.loss.class_weights.assign(self.weights_for_epoch(epoch))
+        weights = self.weights_for_epoch(epoch)
+        changed = not np.array_equal(self.loss.class_weights.numpy(), weights)
+        self.loss.class_weights.assign(weights)
+        if changed and not is_tensorflow() and self.model is not None:
+            # Compiled JAX steps hold a variable outside the model as a constant: trace anew.
+            self.model.make_train_function(force=True)
+            self.model.make_test_function(force=True)

@@ -1,0 +1,74 @@
+"""What the library core needs from the Keras backend beyond ``keras.ops``.
+
+A label check that stops a compiled step, and the replicas a step runs on. TensorFlow is imported
+only under the TensorFlow backend, so ``import car_tf`` under JAX or PyTorch works without it.
+Under JAX, ``keras.distribution.DataParallel`` compiles one program over the global batch, so a
+loss sees every replica's samples and there is nothing to gather.
+"""
+
+import keras
+from keras import ops
+
+
+def is_tensorflow():
+    return keras.backend.backend() == "tensorflow"
+
+
+def read(variable):
+    """A variable's value now, as a tensor that a later ``assign`` in the same step leaves alone.
+
+    Under TensorFlow ``convert_to_tensor`` of a Keras variable is the tf.Variable itself, which an
+    op created after an ``assign`` reads after it; the copy pins the value read here.
+    """
+    return ops.copy(ops.convert_to_tensor(variable))
+
+
+def checked_labels(labels, num_classes):
+    """Integer labels as int32, checked to lie in [0, K) before anything indexes by them.
+
+    A gather or one-hot by an out-of-range label would give a wrong number without a word; this
+    stops the step with a sentence instead: a graph assertion under TensorFlow, a host callback
+    under JAX's jit, an immediate check on eager backends.
+    """
+    labels = ops.cast(labels, "int32")
+    message = (f"a label lies outside [0, {num_classes}); check the data set's labels and the "
+               "number of classes.")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        check = tf.debugging.assert_equal(
+            tf.reduce_all((labels >= 0) & (labels < num_classes)), True, message=message
+        )
+        with tf.control_dependencies([check]):  # a data dependency of the labels returned
+            return tf.identity(labels)
+    valid = ops.all(ops.logical_and(labels >= 0, labels < num_classes))
+    if backend == "jax":
+        import jax
+
+        def stop_if_invalid(ok):
+            if not ok:
+                raise ValueError(message)
+
+        jax.debug.callback(stop_if_invalid, valid)
+    elif not bool(valid):
+        raise ValueError(message)
+    return labels
+
+
+def replica_count():
+    """Replicas computing the current step in sync, each on its share of the batch."""
+    if not is_tensorflow():
+        return 1
+    from car_tf.training import distribute
+
+    return distribute.replica_count()
+
+
+def all_gather(values):
+    """A tensor or nest of tensors concatenated along axis 0 over the replicas in sync."""
+    if not is_tensorflow():
+        return values
+    from car_tf.training import distribute
+
+    return distribute.all_gather(values)

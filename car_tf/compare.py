@@ -1,0 +1,197 @@
+"""Compare methods over seeds on the same data and schedule: mean, spread and paired differences.
+
+    python -m car_tf.compare --flagfile=launch/cifar10_lt_seeded.flags --methods=ce,car \
+        --seeds=0,1,2 --output_dir=../runs/cifar10_lt_seeded
+
+Every other flag is a ``car_tf.train`` flag and applies to every run. Each (method, seed) trains
+with ``python -m car_tf.train`` in OUTPUT_DIR/<method>/seed_<s>, one after the other, seeds in the
+outer loop so that paired differences accumulate early. Rerunning the command resumes an
+interrupted run from its checkpoint and reads finished ones back (train refuses, in one sentence,
+a run directory whose flags differ), so a set can be completed later. The table (mean +- standard
+deviation over the finished seeds of top-1, many / medium / few, worst class and the mean of the
+three worst classes) and the paired differences (a CAR variant minus its base, seed by seed) are
+printed and written to OUTPUT_DIR/comparison.md from whatever runs have finished.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+
+from car_tf import cli
+from car_tf import train  # noqa: F401  (defines train's flags, so they are checked here too)
+from car_tf.losses.registry import BASE_LOSSES
+
+# Method name -> the train flags that select it; "car_<base>" is CAR on that base loss.
+METHOD_FLAGS = {
+    "ce": ["--method=ce"],
+    "ldam_drw": ["--method=ldam_drw", "--lr_decay_factor=0.01"],  # the LDAM code's decay
+    "logit_adjusted": ["--method=logit_adjusted"],
+    "balanced_softmax": ["--method=balanced_softmax"],
+    "decoupled": ["--method=decoupled"],
+    "car": ["--method=car"],
+    **{f"car_{base}": ["--method=car", f"--base_loss={base}"] for base in BASE_LOSSES if base != "ce"},
+    "car_concutmix": ["--method=car", "--concutmix", "--base_loss=logit_adjusted"],
+}
+# A CAR variant -> the method it adds CAR to (the paired difference's baseline).
+PAIRED_BASE = {"car": "ce", **{f"car_{b}": b for b in BASE_LOSSES if b != "ce"}}
+OWN_FLAGS = ("methods", "seeds", "output_dir")
+
+flags.DEFINE_list("methods", ["ce", "car"], f"Methods to compare: {', '.join(METHOD_FLAGS)}.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.")
+flags.DEFINE_string("output_dir", None, "Directory of the runs (OUTPUT_DIR/<method>/seed_<s>) and comparison.md.")
+FLAGS = flags.FLAGS
+
+
+def checked_choice(methods, seeds):
+    """(methods, int seeds) after checking them; ValueError names what is wrong."""
+    unknown = [m for m in methods if m not in METHOD_FLAGS]
+    if unknown or not methods:
+        raise ValueError(f"--methods={','.join(methods)} names no known method {unknown or ''}; "
+                         f"choose from {', '.join(METHOD_FLAGS)}.")
+    try:
+        seeds = [int(s) for s in seeds]
+    except ValueError:
+        raise ValueError(f"--seeds={','.join(seeds)} must be whole numbers, e.g. --seeds=0,1,2.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds={','.join(map(str, seeds))} must list distinct seeds, e.g. 0,1,2.")
+    return list(methods), seeds
+
+
+def train_arguments(argv):
+    """The command line's train flags: ``argv`` without this command's own flags."""
+    own = tuple(f"--{name}" for name in OWN_FLAGS)
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in own:
+            skip = True  # "--methods ce,car": the value follows
+        elif not arg.startswith(tuple(f"{o}=" for o in own)):
+            kept.append(arg)
+    return kept
+
+
+def run_directory(output_dir, method, seed):
+    return pathlib.Path(output_dir) / method / f"seed_{seed}"
+
+
+def train_run(arguments, method, seed, output_dir):
+    """Trains (or resumes, or reads back) one run in a fresh process; returns its wall seconds."""
+    command = [sys.executable, "-m", "car_tf.train", *arguments, *METHOD_FLAGS[method],
+               f"--seed={seed}", f"--model_dir={run_directory(output_dir, method, seed)}"]
+    start = time.time()
+    status = subprocess.run(command).returncode
+    if status:
+        raise ValueError(
+            f"training {method} with seed {seed} stopped (exit status {status}, its message is "
+            "above); fix that and rerun this command, finished runs are kept."
+        )
+    return time.time() - start
+
+
+def run_summary(report):
+    """The figures compared, in percent, from a run's report.json."""
+    accuracies = sorted(r["accuracy"] for r in report["per_class"] if r["accuracy"] is not None)
+    return {
+        "top1": 100 * report["top1"],
+        "many": None if report["many"] is None else 100 * report["many"],
+        "medium": None if report["medium"] is None else 100 * report["medium"],
+        "few": None if report["few"] is None else 100 * report["few"],
+        "worst": 100 * report["worst_class_accuracy"],
+        "worst3": 100 * float(np.mean(accuracies[:3])),
+    }
+
+
+def finished_runs(output_dir, methods, seeds):
+    """{method: {seed: summary}} of the runs with a report."""
+    runs = {}
+    for method in methods:
+        for seed in seeds:
+            path = run_directory(output_dir, method, seed) / "report.json"
+            if path.exists():
+                runs.setdefault(method, {})[seed] = run_summary(json.loads(path.read_text()))
+    return runs
+
+
+def spread(values, signed=False):
+    """'mean +- std' (sample standard deviation) of the values, or '-' where there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sign = "+" if signed else ""
+    if len(values) == 1:
+        return f"{values[0]:{sign}.2f}"
+    return f"{np.mean(values):{sign}.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+COLUMNS = (("top1", "top-1"), ("many", "many"), ("medium", "medium"), ("few", "few"),
+           ("worst", "worst class"), ("worst3", "3 worst classes (mean)"))
+PAIRED_COLUMNS = (("top1", "top-1"), ("worst", "worst class"), ("worst3", "3 worst classes"))
+
+
+def comparison_table(runs, methods, seeds):
+    """The markdown tables: per method over its seeds, then CAR variants minus their base."""
+    lines = ["| method | seeds | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "| --- | --- |" + " --- |" * len(COLUMNS)]
+    for method in methods:
+        done = runs.get(method, {})
+        cells = [spread([s[key] for s in done.values()]) for key, _ in COLUMNS]
+        lines.append(f"| {method} | {len(done)}/{len(seeds)} | " + " | ".join(cells) + " |")
+    pairs = [(m, PAIRED_BASE[m]) for m in methods if PAIRED_BASE.get(m) in methods]
+    if pairs:
+        lines += ["", "Paired differences, seed by seed (percentage points; positive: CAR is better):", "",
+                  "| difference | seeds | " + " | ".join(t for _, t in PAIRED_COLUMNS) + " | worst class per seed |",
+                  "| --- | --- |" + " --- |" * (len(PAIRED_COLUMNS) + 1)]
+        for method, base in pairs:
+            common = [s for s in seeds if s in runs.get(method, {}) and s in runs.get(base, {})]
+            diffs = {key: [runs[method][s][key] - runs[base][s][key] for s in common] for key, _ in PAIRED_COLUMNS}
+            per_seed = ", ".join(f"seed {s}: {d:+.2f}" for s, d in zip(common, diffs["worst"])) or "-"
+            cells = [spread(diffs[key], signed=True) for key, _ in PAIRED_COLUMNS]
+            lines.append(f"| {method} - {base} | {len(common)} | " + " | ".join(cells) + f" | {per_seed} |")
+    return "\n".join(lines)
+
+
+def write_comparison(output_dir, methods, seeds, timings):
+    """Prints the tables and writes OUTPUT_DIR/comparison.md; returns the text."""
+    runs = finished_runs(output_dir, methods, seeds)
+    minutes = sum(timings.values()) / 60
+    text = (comparison_table(runs, methods, seeds)
+            + f"\n\nTest-set accuracy in percent; mean ± sample standard deviation over seeds. "
+            f"Training wall time of these runs: {minutes:.1f} minutes.\n")
+    (pathlib.Path(output_dir) / "comparison.md").write_text(text)
+    print(text)
+    return text
+
+
+def main(argv):
+    del argv
+    if not FLAGS.output_dir:
+        raise ValueError("--output_dir is required: name the directory that holds the runs.")
+    for name in ("model_dir", "seed"):
+        if FLAGS[name].present:
+            raise ValueError(f"--{name} is set per run by this command; use --output_dir and --seeds instead.")
+    methods, seeds = checked_choice(FLAGS.methods, FLAGS.seeds)
+    output_dir = pathlib.Path(FLAGS.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = output_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    arguments = train_arguments(sys.argv[1:])
+    total = len(methods) * len(seeds)
+    for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
+        print(f"[{index + 1}/{total}] {method}, seed {seed}: {run_directory(output_dir, method, seed)}",
+              flush=True)
+        key, finished = f"{method}/seed_{seed}", (run_directory(output_dir, method, seed) / "report.json").exists()
+        seconds = train_run(arguments, method, seed, output_dir)
+        if not finished:  # reading a finished run back is not training time
+            timings[key] = timings.get(key, 0.0) + seconds
+        timings_path.write_text(json.dumps(timings, indent=1))
+        write_comparison(output_dir, methods, seeds, timings)
+
+
+if __name__ == "__main__":
+    cli.run(main, "car_tf.compare")
