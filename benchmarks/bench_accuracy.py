@@ -21,16 +21,8 @@ import time
 from absl import app, flags
 
 from car_tf import train as train_cli
+from car_tf.compare import METHOD_FLAGS
 
-METHOD_FLAGS = {
-    "ce": ["--method=ce"],
-    "ldam_drw": ["--method=ldam_drw", "--lr_decay_factor=0.01"],
-    "logit_adjusted": ["--method=logit_adjusted"],
-    "car": ["--method=car"],
-    "car_logit_adjusted": ["--method=car", "--base_loss=logit_adjusted"],
-    "car_concutmix": ["--method=car", "--concutmix", "--base_loss=logit_adjusted"],
-    "decoupled": ["--method=decoupled"],
-}
 # DLSA on a trained run: row name -> base method.
 DLSA_ROWS = {"ce_dlsa": "ce", "car_dlsa": "car"}
 flags.DEFINE_list("methods", [*METHOD_FLAGS, "ce_dlsa"], "Methods to run, in order.")

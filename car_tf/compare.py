@@ -41,10 +41,14 @@ METHOD_FLAGS = {
 PAIRED_BASE = {"car": "ce", **{f"car_{b}": b for b in BASE_LOSSES if b != "ce"}}
 OWN_FLAGS = ("methods", "seeds", "output_dir")
 
-flags.DEFINE_list("methods", ["ce", "car"], f"Methods to compare: {', '.join(METHOD_FLAGS)}.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.")
-flags.DEFINE_string("output_dir", None, "Directory of the runs (OUTPUT_DIR/<method>/seed_<s>) and comparison.md.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """This command's own flags (train's come with ``car_tf.train``); benchmarks import the rest."""
+    flags.DEFINE_list("methods", ["ce", "car"], f"Methods to compare: {', '.join(METHOD_FLAGS)}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.")
+    flags.DEFINE_string("output_dir", None, "Directory of the runs (OUTPUT_DIR/<method>/seed_<s>) and comparison.md.")
 
 
 def checked_choice(methods, seeds):
@@ -163,6 +167,9 @@ def write_comparison(output_dir, methods, seeds, timings):
     text = (comparison_table(runs, methods, seeds)
             + f"\n\nTest-set accuracy in percent; mean ± sample standard deviation over seeds. "
             f"Training wall time of these runs: {minutes:.1f} minutes.\n")
+    if len(seeds) == 1:
+        text += ("One seed: a difference here cannot be told from seed-to-seed variation; run "
+                 "several seeds (--seeds=0,1,2) before choosing a method.\n")
     (pathlib.Path(output_dir) / "comparison.md").write_text(text)
     print(text)
     return text
@@ -194,4 +201,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, "car_tf.compare")

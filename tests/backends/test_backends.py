@@ -169,3 +169,15 @@ def test_keras_file_trained_under_jax_loads_and_exports_under_tensorflow(tmp_pat
     check_parity(lambda x: model(x.astype(np.float32), training=False),
                  lambda x: served.serve(tf.constant(x, tf.float32)), images, what="SavedModel")
     export_onnx(model, tmp_path / "model.onnx", images)  # raises ExportParityError beyond 1e-4 (relative)
+
+
+def test_readme_example_runs_under_jax(tmp_path):
+    from test_readme import readme_example
+
+    script = tmp_path / "example.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + readme_example("car-keras"))
+    done = subprocess.run([sys.executable, str(script)], env={**os.environ, "KERAS_BACKEND": "jax"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sigmas = json.loads(done.stdout.split("]")[0] + "]")
+    assert len(sigmas) == 3 and all(s > 0 for s in sigmas)

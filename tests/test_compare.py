@@ -1,0 +1,78 @@
+"""car_tf.compare: the seeded comparison's table, its paired differences, and a resumable set."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from car_tf import compare
+from train_helpers import ROOT, tiny_args
+
+
+def report(top1, many, medium, accuracies):
+    return {"top1": top1, "many": many, "medium": medium, "few": None,
+            "worst_class_accuracy": min(accuracies),
+            "per_class": [{"accuracy": a} for a in accuracies]}
+
+
+def write_report(tmp_path, method, seed, *args):
+    run = compare.run_directory(tmp_path, method, seed)
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(report(*args)))
+
+
+def test_table_gives_mean_spread_and_paired_differences(tmp_path):
+    write_report(tmp_path, "ce", 0, 0.50, 0.6, 0.1, [0.9, 0.0, 0.3, 0.6])
+    write_report(tmp_path, "ce", 1, 0.54, 0.6, 0.2, [0.9, 0.1, 0.2, 0.7])
+    write_report(tmp_path, "car", 0, 0.52, 0.6, 0.3, [0.8, 0.2, 0.3, 0.6])
+    runs = compare.finished_runs(tmp_path, ["ce", "car"], [0, 1, 2])
+    assert runs["ce"][1] == pytest.approx(
+        {"top1": 54, "many": 60, "medium": 20, "few": None, "worst": 10, "worst3": 100 * (0.1 + 0.2 + 0.7) / 3})
+    table = compare.comparison_table(runs, ["ce", "car"], [0, 1, 2])
+    # top-1 of ce over seeds 0 and 1: mean 52, sample standard deviation 2.83.
+    assert "| ce | 2/3 | 52.00 ± 2.83 | 60.00 ± 0.00 | 15.00 ± 7.07 | - | 5.00 ± 7.07 | 31.67 ± 2.36 |" in table
+    assert "| car | 1/3 | 52.00 | 60.00 | 30.00 | - | 20.00 | 36.67 |" in table
+    # Only seed 0 has both: CAR minus CE is +2 top-1, +20 worst class, +6.67 on the three worst.
+    assert "| car - ce | 1 | +2.00 | +20.00 | +6.67 | seed 0: +20.00 |" in table
+
+
+def test_own_flags_are_taken_out_of_the_train_command_line():
+    argv = ["--flagfile=f.flags", "--methods=ce,car", "--seeds", "0,1", "--output_dir=out", "--lr=0.2"]
+    assert compare.train_arguments(argv) == ["--flagfile=f.flags", "--lr=0.2"]
+
+
+@pytest.mark.parametrize("methods, seeds, message", [
+    (["ce", "cat"], ["0"], "names no known method"),
+    (["ce"], ["a"], "must be whole numbers"),
+    (["ce"], ["1", "1"], "must list distinct seeds"),
+])
+def test_bad_choices_are_one_sentence(methods, seeds, message):
+    with pytest.raises(ValueError, match=message):
+        compare.checked_choice(methods, seeds)
+
+
+def run_compare(*args):
+    return subprocess.run([sys.executable, "-m", "car_tf.compare", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_set_trains_prints_its_table_and_reads_finished_runs_back(tiny_folder, tmp_path):
+    train_flags = [a for a in tiny_args(tiny_folder, "unused", "--epochs=1") if not a.startswith("--model_dir")]
+    out = tmp_path / "set"
+    first = run_compare(*train_flags, "--methods=ce,car", "--seeds=0", f"--output_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| car - ce | 1 |" in first.stdout and "One seed" in first.stdout
+    assert (out / "car" / "seed_0" / "report.json").exists()
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"ce/seed_0", "car/seed_0"}
+    # Rerun: both runs are finished, nothing trains, the table is the same.
+    again = run_compare(*train_flags, "--methods=ce,car", "--seeds=0", f"--output_dir={out}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "timings.json").read_text()) == timings
+    assert (out / "comparison.md").read_text().split("\n\n")[0] in again.stdout
+    # Other train flags for the same runs are refused by train, and compare says which run stopped.
+    changed = run_compare(*train_flags, "--lr=0.5", "--methods=ce", "--seeds=0", f"--output_dir={out}")
+    assert changed.returncode == 2
+    assert "training ce with seed 0 stopped" in changed.stderr and "--lr" in changed.stderr
