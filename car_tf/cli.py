@@ -68,6 +68,14 @@ def run(main, program, extra_errors=()):
     define_debug_flag()
 
     def guarded(argv):
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            print(f"{program}: the command line runs on TensorFlow (tf.data, tf.distribute), but "
+                  f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to tensorflow "
+                  "(CARLoss and the library core run under JAX too: README, 'Keras backends').",
+                  file=sys.stderr)
+            sys.exit(2)
         try:
             return main(argv)
         except Exception as error:
