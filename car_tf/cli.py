@@ -7,6 +7,7 @@ Every ``python -m car_tf.*`` and ``python -m export`` command runs its absl main
 import re
 import sys
 
+import keras
 from absl import app, flags
 
 # Errors that bad input causes: paths, files, flag values, data, a diverging loss.
@@ -68,8 +69,6 @@ def run(main, program, extra_errors=()):
     define_debug_flag()
 
     def guarded(argv):
-        import keras
-
         if keras.backend.backend() != "tensorflow":
             print(f"{program}: the command line runs on TensorFlow (tf.data, tf.distribute), but "
                   f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to tensorflow "

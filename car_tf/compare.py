@@ -101,11 +101,10 @@ def train_run(arguments, method, seed, output_dir):
 def run_summary(report):
     """The figures compared, in percent, from a run's report.json."""
     accuracies = sorted(r["accuracy"] for r in report["per_class"] if r["accuracy"] is not None)
+    groups = {g: None if report[g] is None else 100 * report[g] for g in ("many", "medium", "few")}
     return {
         "top1": 100 * report["top1"],
-        "many": None if report["many"] is None else 100 * report["many"],
-        "medium": None if report["medium"] is None else 100 * report["medium"],
-        "few": None if report["few"] is None else 100 * report["few"],
+        **groups,
         "worst": 100 * report["worst_class_accuracy"],
         "worst3": 100 * float(np.mean(accuracies[:3])),
     }

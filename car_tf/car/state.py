@@ -65,12 +65,15 @@ class CARState(keras.layers.Layer):
 
     def ema_matrix(self):
         """The EMA confusion Cbar [K, K] as a dense tensor (rows predicted, columns true class)."""
-        decay = ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
-        return ops.transpose(decay[:, None] * ops.convert_to_tensor(self.ema_columns))
+        return ops.transpose(self._column_decay()[:, None] * ops.convert_to_tensor(self.ema_columns))
+
+    def _column_decay(self):
+        """d_j of every column as float32 (stored in float64 where the backend has it)."""
+        return ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
 
     def ema_times(self, x):
         """Cbar x [K] without forming Cbar: one pass over the stored columns, block by block."""
-        decay_x = ops.cast(ops.convert_to_tensor(self.ema_decay), "float32") * x
+        decay_x = self._column_decay() * x
         if not is_tensorflow():
             return ops.matmul(decay_x[None, :], self.ema_columns.value)[0]
 
@@ -82,7 +85,7 @@ class CARState(keras.layers.Layer):
 
     def ema_transpose_times(self, u):
         """Cbar^T u [K] without forming Cbar: one pass over the stored columns, block by block."""
-        decay = ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
+        decay = self._column_decay()
         if not is_tensorflow():
             return decay * ops.matmul(self.ema_columns.value, u[:, None])[:, 0]
 
