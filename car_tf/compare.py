@@ -57,18 +57,23 @@ def checked_choice(methods, seeds):
     if unknown or not methods:
         raise ValueError(f"--methods={','.join(methods)} names no known method {unknown or ''}; "
                          f"choose from {', '.join(METHOD_FLAGS)}.")
+    return list(methods), checked_seeds(seeds)
+
+
+def checked_seeds(seeds, name="seeds"):
+    """The seeds as distinct ints; ValueError names what is wrong with --``name``."""
     try:
         seeds = [int(s) for s in seeds]
     except ValueError:
-        raise ValueError(f"--seeds={','.join(seeds)} must be whole numbers, e.g. --seeds=0,1,2.") from None
+        raise ValueError(f"--{name}={','.join(seeds)} must be whole numbers, e.g. --{name}=0,1,2.") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds={','.join(map(str, seeds))} must list distinct seeds, e.g. 0,1,2.")
-    return list(methods), seeds
+        raise ValueError(f"--{name}={','.join(map(str, seeds))} must list distinct seeds, e.g. 0,1,2.")
+    return seeds
 
 
-def train_arguments(argv):
-    """The command line's train flags: ``argv`` without this command's own flags."""
-    own = tuple(f"--{name}" for name in OWN_FLAGS)
+def train_arguments(argv, own_flags=OWN_FLAGS):
+    """The command line's train flags: ``argv`` without the command's own flags ``own_flags``."""
+    own = tuple(f"--{name}" for name in own_flags)
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -84,16 +89,18 @@ def run_directory(output_dir, method, seed):
     return pathlib.Path(output_dir) / method / f"seed_{seed}"
 
 
-def train_run(arguments, method, seed, output_dir):
-    """Trains (or resumes, or reads back) one run in a fresh process; returns its wall seconds."""
-    command = [sys.executable, "-m", "car_tf.train", *arguments, *METHOD_FLAGS[method],
-               f"--seed={seed}", f"--model_dir={run_directory(output_dir, method, seed)}"]
+def train_run(arguments, run_dir, what):
+    """Trains (or resumes, or reads back) one run in a fresh process; returns its wall seconds.
+
+    ``arguments`` are train flags; ``what`` names the run in the message if training stops.
+    """
+    command = [sys.executable, "-m", "car_tf.train", *arguments, f"--model_dir={run_dir}"]
     start = time.time()
     status = subprocess.run(command).returncode
     if status:
         raise ValueError(
-            f"training {method} with seed {seed} stopped (exit status {status}, its message is "
-            "above); fix that and rerun this command, finished runs are kept."
+            f"training {what} stopped (exit status {status}, its message is above); fix that and "
+            "rerun this command, finished runs are kept."
         )
     return time.time() - start
 
@@ -107,6 +114,7 @@ def run_summary(report):
         **groups,
         "worst": 100 * report["worst_class_accuracy"],
         "worst3": 100 * float(np.mean(accuracies[:3])),
+        "mean_class": 100 * report["mean_class_accuracy"],
     }
 
 
@@ -137,15 +145,17 @@ COLUMNS = (("top1", "top-1"), ("many", "many"), ("medium", "medium"), ("few", "f
 PAIRED_COLUMNS = (("top1", "top-1"), ("worst", "worst class"), ("worst3", "3 worst classes"))
 
 
-def comparison_table(runs, methods, seeds):
-    """The markdown tables: per method over its seeds, then CAR variants minus their base."""
+def comparison_table(runs, methods, seeds, pairs=None):
+    """The markdown tables: per method over its seeds, then each (method, base) of ``pairs``
+    (default: every CAR variant and its base among ``methods``) as method minus base."""
     lines = ["| method | seeds | " + " | ".join(title for _, title in COLUMNS) + " |",
              "| --- | --- |" + " --- |" * len(COLUMNS)]
     for method in methods:
         done = runs.get(method, {})
         cells = [spread([s[key] for s in done.values()]) for key, _ in COLUMNS]
         lines.append(f"| {method} | {len(done)}/{len(seeds)} | " + " | ".join(cells) + " |")
-    pairs = [(m, PAIRED_BASE[m]) for m in methods if PAIRED_BASE.get(m) in methods]
+    if pairs is None:
+        pairs = [(m, PAIRED_BASE[m]) for m in methods if PAIRED_BASE.get(m) in methods]
     if pairs:
         lines += ["", "Paired differences, seed by seed (percentage points; positive: CAR is better):", "",
                   "| difference | seeds | " + " | ".join(t for _, t in PAIRED_COLUMNS) + " | worst class per seed |",
@@ -159,11 +169,11 @@ def comparison_table(runs, methods, seeds):
     return "\n".join(lines)
 
 
-def write_comparison(output_dir, methods, seeds, timings):
+def write_comparison(output_dir, methods, seeds, timings, pairs=None):
     """Prints the tables and writes OUTPUT_DIR/comparison.md; returns the text."""
     runs = finished_runs(output_dir, methods, seeds)
     minutes = sum(timings.values()) / 60
-    text = (comparison_table(runs, methods, seeds)
+    text = (comparison_table(runs, methods, seeds, pairs)
             + f"\n\nTest-set accuracy in percent; mean ± sample standard deviation over seeds. "
             f"Training wall time of these runs: {minutes:.1f} minutes.\n")
     if len(seeds) == 1:
@@ -192,7 +202,8 @@ def main(argv):
         print(f"[{index + 1}/{total}] {method}, seed {seed}: {run_directory(output_dir, method, seed)}",
               flush=True)
         key, finished = f"{method}/seed_{seed}", (run_directory(output_dir, method, seed) / "report.json").exists()
-        seconds = train_run(arguments, method, seed, output_dir)
+        seconds = train_run([*arguments, *METHOD_FLAGS[method], f"--seed={seed}"],
+                            run_directory(output_dir, method, seed), f"{method} with seed {seed}")
         if not finished:  # reading a finished run back is not training time
             timings[key] = timings.get(key, 0.0) + seconds
         timings_path.write_text(json.dumps(timings, indent=1))

@@ -34,6 +34,12 @@ flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bf
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (can help on GPUs; slow to compile).")
 flags.DEFINE_bool("eval_on_train", False, "Also report per-class accuracy on the training set at the end.")
 flags.DEFINE_bool("verbose", True, "Print metrics: a progress bar within each epoch on a terminal, one line per epoch in logs and pipes.")
+flags.DEFINE_float(
+    "validation_fraction", None,
+    "Hold out this share of each class's training images (a fixed split, the same for every seed) "
+    "and evaluate on it instead of the test split, which is then never read: for choosing "
+    "hyper-parameters (python -m car_tf.search). Unset: train on all training images, evaluate on test.",
+)
 flags.DEFINE_bool("randaugment", False, "Add RandAugment (2 ops, magnitude 10) to the training stream.")
 # Model.
 flags.DEFINE_string("model", "resnet32", "Backbone name (car_tf.models.list_models()).")

@@ -12,6 +12,7 @@ from train_helpers import ROOT, tiny_args
 
 def report(top1, many, medium, accuracies):
     return {"top1": top1, "many": many, "medium": medium, "few": None,
+            "mean_class_accuracy": sum(accuracies) / len(accuracies),
             "worst_class_accuracy": min(accuracies),
             "per_class": [{"accuracy": a} for a in accuracies]}
 
@@ -28,7 +29,8 @@ def test_table_gives_mean_spread_and_paired_differences(tmp_path):
     write_report(tmp_path, "car", 0, 0.52, 0.6, 0.3, [0.8, 0.2, 0.3, 0.6])
     runs = compare.finished_runs(tmp_path, ["ce", "car"], [0, 1, 2])
     assert runs["ce"][1] == pytest.approx(
-        {"top1": 54, "many": 60, "medium": 20, "few": None, "worst": 10, "worst3": 100 * (0.1 + 0.2 + 0.7) / 3})
+        {"top1": 54, "many": 60, "medium": 20, "few": None, "worst": 10, "worst3": 100 * (0.1 + 0.2 + 0.7) / 3,
+         "mean_class": 100 * 1.9 / 4})
     table = compare.comparison_table(runs, ["ce", "car"], [0, 1, 2])
     # top-1 of ce over seeds 0 and 1: mean 52, sample standard deviation 2.83.
     assert "| ce | 2/3 | 52.00 ± 2.83 | 60.00 ± 0.00 | 15.00 ± 7.07 | - | 5.00 ± 7.07 | 31.67 ± 2.36 |" in table

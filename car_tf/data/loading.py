@@ -1,14 +1,17 @@
 """Loading a data set's splits as the configuration describes (car_tf.training.config.DataConfig,
 or any object with the same attributes, such as the command lines' absl flags)."""
+import dataclasses
+
 import numpy as np
 from absl import logging
 
-from car_tf.data import pipelines, sources
+from car_tf.data import longtail, pipelines, sources
 
 CIFAR_RECIPE_DATASETS = sources.CIFAR
 CIFAR_IMBALANCE_FACTOR = 100.0  # CIFAR-10-LT / CIFAR-100-LT's standard profile
 SMALL_IMAGE_MAX = 64  # --data_recipe=auto: images up to this side get the CIFAR recipe
 SIZE_SAMPLES = 16  # images whose size decides --data_recipe=auto
+VALIDATION_SEED = 0  # the held-out images do not depend on the run's --seed: every run sees the same split
 
 
 def recipe_for(dataset, data_recipe="auto"):
@@ -19,10 +22,13 @@ def recipe_for(dataset, data_recipe="auto"):
 
 
 def load_datasets(flag_values):
-    """(train LabeledData, test LabeledData, recipe, image_size) from the data configuration.
+    """(train LabeledData, evaluation LabeledData, recipe, image_size) from the data configuration.
 
-    Every image file of both splits is checked before any subsampling (sources.check_images); with
-    --skip_corrupt the unreadable ones are left out and listed in each split's ``skipped``.
+    The evaluation split is the test split, or with ``validation_fraction`` a stratified share of
+    each class's (long-tailed) training images, held out from training; the test split is then not
+    read at all, so nothing chosen on that split has seen it. Every image file is checked before any
+    subsampling (sources.check_images); with --skip_corrupt the unreadable ones are left out and
+    listed in each split's ``skipped``.
     """
     name = flag_values.dataset
     common = dict(
@@ -38,7 +44,12 @@ def load_datasets(flag_values):
     train = sources.load_dataset(
         name, "train", imbalance_factor=imbalance_factor, profile=flag_values.lt_profile, **common
     )
-    test = sources.load_dataset(name, "test", **common)
+    fraction = getattr(flag_values, "validation_fraction", None)
+    if fraction:
+        fit, held_out = longtail.stratified_split(train.labels, fraction, VALIDATION_SEED)
+        train, test = train.subset(fit), dataclasses.replace(train.subset(held_out), skipped=())
+    else:
+        test = sources.load_dataset(name, "test", **common)
     if flag_values.data_recipe == "auto" and name in ("folder", "list"):
         recipe, image_size = _recipe_from_images(train, flag_values.image_size)
     else:

@@ -1,4 +1,4 @@
-"""Long-tailed class counts, subsets and many/medium/few groups (pure NumPy)."""
+"""Long-tailed class counts, subsets, stratified validation splits and many/medium/few groups (pure NumPy)."""
 import numpy as np
 
 GROUPS = ("many", "medium", "few")
@@ -69,6 +69,23 @@ def subsample_longtail(labels, counts, class_names=None):
     rank = np.empty_like(labels)
     rank[order] = np.arange(labels.size) - starts[labels[order]]
     return np.flatnonzero(rank < counts[labels])
+
+
+def stratified_split(labels, fraction, seed=0):
+    """(fit indices, validation indices): round(fraction * n_c) samples of each class go to
+    validation, at most n_c - 1, so every class keeps a training sample."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction={fraction} must lie in [0, 1); try 0.1.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    validation = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        take = min(int(round(fraction * members.size)), members.size - 1)
+        validation.append(members[:take])
+    validation = np.sort(np.concatenate(validation)).astype(np.int64)
+    fit = np.setdiff1d(np.arange(labels.size), validation)
+    return fit, validation
 
 
 def class_groups(counts):

@@ -8,7 +8,8 @@ registers its Keras classes, which loading a DLSA model.keras needs.
 from car_tf.dlsa.cascade import CascadeStage, Routing, route, routing_statistics, train_cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig, StageClassifier, train_stage_classifier
 from car_tf.dlsa.features import FeatureCache, extract_features, load_feature_cache
-from car_tf.dlsa.fit import DLSAConfig, DLSAResult, fit_dlsa, stratified_split
+from car_tf.data.longtail import stratified_split
+from car_tf.dlsa.fit import DLSAConfig, DLSAResult, fit_dlsa
 from car_tf.dlsa.flow import FlowBatchNormalization, MADE, MaskedAutoregressiveFlow
 from car_tf.dlsa.flow_training import FlowTrainer, FlowTrainingConfig
 from car_tf.dlsa.routed_classifier import DLSARoutedClassifier

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 
+from car_tf.data.longtail import stratified_split
 from car_tf.dlsa import cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig, train_stage_classifier
 from car_tf.dlsa.flow_training import FlowTrainingConfig
@@ -44,23 +45,6 @@ class DLSAResult:
     fit_routing: np.ndarray
     validation_routing: np.ndarray
     histories: dict
-
-
-def stratified_split(labels, fraction, seed=0):
-    """(fit indices, validation indices): round(fraction * n_c) samples of each class go to
-    validation, at most n_c - 1, so every class keeps a training sample."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"validation_fraction={fraction} must lie in [0, 1); try 0.1.")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    validation = []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        take = min(int(round(fraction * members.size)), members.size - 1)
-        validation.append(members[:take])
-    validation = np.sort(np.concatenate(validation)).astype(np.int64)
-    fit = np.setdiff1d(np.arange(labels.size), validation)
-    return fit, validation
 
 
 def fit_dlsa(features, labels, num_classes, config=DLSAConfig(), progress=False):

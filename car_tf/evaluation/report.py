@@ -147,7 +147,7 @@ def format_table(report, worst=5):
     """A compact text summary: headline metrics, then the ``worst`` lowest-accuracy classes."""
     sizes = report["group_sizes"]
     lines = [
-        f"samples {report['num_samples']}  classes {report['num_classes']} "
+        f"{report.get('evaluated_on', 'test')} split: samples {report['num_samples']}  classes {report['num_classes']} "
         f"(many {sizes['many']} / medium {sizes['medium']} / few {sizes['few']})",
         f"{'top-1':>10} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7} {'worst':>7} {'worst10%':>9}",
         f"{_percent(report['top1']):>10} {_percent(report['top5']):>7} {_percent(report['many']):>7} "

@@ -40,6 +40,14 @@ class DataConfig:
     data_recipe: str = "auto"
     skip_corrupt: bool = False
     randaugment: bool = False
+    validation_fraction: float | None = None
+
+    def __post_init__(self):
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(
+                f"--validation_fraction={self.validation_fraction} must lie strictly between 0 and 1 "
+                "(0.2 holds out a fifth of each class); leave it unset to evaluate on the test split."
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

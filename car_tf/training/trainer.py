@@ -147,6 +147,7 @@ def write_run_files(run_dir, config, base_loss, train, recipe, image_size, class
         "epochs": config.optimizer.epochs,
         "epochs_extended_from": list(extended_from),
         "pretrained": config.model.pretrained,
+        "evaluated_on": "validation" if config.data.validation_fraction else "test",
         # Inside the model, so evaluation and export apply it too; recorded for the reader.
         "pixel_normalization": {k: normalization[k] for k in ("mean", "std", "scale", "channel_order")},
     }
@@ -308,6 +309,7 @@ def finish(config, active, classifier, train_data, test_data, test_ds, recipe, i
         report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
     if test_data.skipped:
         report["skipped_test_images"] = list(test_data.skipped)
+    report["evaluated_on"] = "validation" if config.data.validation_fraction else "test"
     write_report(report, write_dir)
     print(format_table(report))
     return report

@@ -1,4 +1,4 @@
-"""Long-tailed counts, subsets and many/medium/few groups against NumPy references."""
+"""Long-tailed counts, subsets, validation splits and many/medium/few groups against NumPy references."""
 import math
 
 import numpy as np
@@ -90,3 +90,13 @@ def test_class_counts_and_range_check():
 def test_group_boundaries():
     groups = longtail.class_groups([101, 100, 20, 19, 1, 5000])
     assert groups.tolist() == ["many", "medium", "medium", "few", "few", "many"]
+
+
+def test_stratified_split_keeps_every_class_in_training():
+    labels = np.repeat(np.arange(4), [100, 30, 5, 1])
+    fit, val = longtail.stratified_split(labels, 0.1, seed=0)
+    assert np.intersect1d(fit, val).size == 0 and fit.size + val.size == labels.size
+    np.testing.assert_array_equal(np.bincount(labels[val], minlength=4), [10, 3, 0, 0])
+    assert set(labels[fit]) == {0, 1, 2, 3}
+    again, _ = longtail.stratified_split(labels, 0.1, seed=0)
+    np.testing.assert_array_equal(again, fit)  # the same split for the same seed

@@ -174,3 +174,28 @@ def test_other_commands_answer_user_errors_in_one_sentence(uneven_folder, tmp_pa
         f"car_tf.dlsa: {tmp_path / 'nowhere' / 'run.json'} does not exist; pass a run directory "
         "written by car_tf.train."
     )
+
+
+def test_a_validation_split_is_carved_from_training_and_the_test_split_is_not_read(uneven_folder, tmp_path):
+    import shutil
+
+    from car_tf.data.loading import load_datasets
+    from car_tf.training.config import DataConfig
+
+    shutil.copytree(uneven_folder / "train", tmp_path / "train")  # no test/ at all
+    config = DataConfig(dataset="folder", data_dir=str(tmp_path), skip_corrupt=True, validation_fraction=0.2)
+    train, validation, _, _ = load_datasets(config)
+    # round(0.2 * n) of each class: 6 of 30, 2 of 12, 1 of 5; the rest trains.
+    assert validation.counts().tolist() == [6, 2, 1] and train.counts().tolist() == [24, 10, 4]
+    assert not set(train.paths) & set(validation.paths)
+    assert validation.skipped == () and len(train.skipped) == 2  # the unreadable files are training's
+    again = load_datasets(config)[1]
+    assert again.paths.tolist() == validation.paths.tolist()  # the same images every time
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_a_validation_fraction_outside_zero_to_one_is_refused(fraction):
+    from car_tf.training.config import DataConfig
+
+    with pytest.raises(ValueError, match="must lie strictly between 0 and 1"):
+        DataConfig(validation_fraction=fraction)

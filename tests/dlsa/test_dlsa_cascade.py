@@ -14,7 +14,7 @@ import tensorflow as tf
 from car_tf.dlsa import cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig
 from car_tf.dlsa.features import extract_features, load_feature_cache
-from car_tf.dlsa.fit import DLSAConfig, fit_dlsa, stratified_split
+from car_tf.dlsa.fit import DLSAConfig, fit_dlsa
 from car_tf.dlsa.flow_training import FlowTrainingConfig
 from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
 from car_tf.losses.logit_adjusted import logit_adjusted_cross_entropy
@@ -67,14 +67,6 @@ def test_cluster_prior_is_the_class_histogram_of_each_cluster():
     np.testing.assert_allclose(prior[0], [1 / 3, 2 / 3, 0])
     np.testing.assert_allclose(prior[1], [1 / 5, 3 / 5, 1 / 5])  # empty: overall frequencies
     np.testing.assert_allclose(prior[2], [0, 0.5, 0.5])
-
-
-def test_stratified_split_keeps_every_class_in_training():
-    labels = np.repeat(np.arange(4), [100, 30, 5, 1])
-    fit, val = stratified_split(labels, 0.1, seed=0)
-    assert np.intersect1d(fit, val).size == 0 and fit.size + val.size == labels.size
-    np.testing.assert_array_equal(np.bincount(labels[val], minlength=4), [10, 3, 0, 0])
-    assert set(labels[fit]) == {0, 1, 2, 3}
 
 
 def test_each_stage_takes_the_stated_share_of_its_training_samples(fitted, data):
