@@ -14,6 +14,15 @@ def is_tensorflow():
     return keras.backend.backend() == "tensorflow"
 
 
+def widest_float():
+    """"float64", or "float32" under JAX without x64 mode (where float64 would be truncated anyway)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
 def read(variable):
     """A variable's value now, as a tensor that a later ``assign`` in the same step leaves alone.
 
@@ -72,3 +81,16 @@ def all_gather(values):
     from car_tf.training import distribute
 
     return distribute.all_gather(values)
+
+
+def compiled_inference(model):
+    """``images -> outputs`` of ``model`` in inference mode, compiled once per input shape, as NumPy.
+
+    A tf.function under TensorFlow; elsewhere Keras's own compiled predict step (jit under JAX).
+    """
+    if is_tensorflow():
+        import tensorflow as tf
+
+        call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        return lambda images: keras.ops.convert_to_numpy(call(images))
+    return lambda images: keras.ops.convert_to_numpy(model.predict_on_batch(images))

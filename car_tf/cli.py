@@ -12,6 +12,8 @@ from absl import app, flags
 
 # Errors that bad input causes: paths, files, flag values, data, a diverging loss.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
+# Keras backends the training commands are tested under (PyTorch is not: README, 'Keras backends').
+TRAINING_BACKENDS = ("tensorflow", "jax")
 _IMAGE_ASSERT = re.compile(r"Could not read or decode image file\]?\s*\[?([^\]\n]+?)\]?\s*\[?- fix")
 
 
@@ -64,15 +66,18 @@ def sentence(error):
     return _first_line(error) or type(error).__name__
 
 
-def run(main, program, extra_errors=()):
-    """``absl.app.run(main)``, with user errors (and ``extra_errors``) as one sentence on stderr."""
+def run(main, program, extra_errors=(), backends=("tensorflow",)):
+    """``absl.app.run(main)``, with user errors (and ``extra_errors``) as one sentence on stderr.
+
+    A KERAS_BACKEND outside ``backends`` (those the command is tested under) is refused first.
+    """
     define_debug_flag()
 
     def guarded(argv):
-        if keras.backend.backend() != "tensorflow":
-            print(f"{program}: the command line runs on TensorFlow (tf.data, tf.distribute), but "
-                  f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it or set it to tensorflow "
-                  "(CARLoss and the library core run under JAX too: README, 'Keras backends').",
+        if keras.backend.backend() not in backends:
+            print(f"{program}: this command runs under KERAS_BACKEND={' or '.join(backends)}, but "
+                  f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it to use TensorFlow "
+                  "(README, 'Keras backends', says what runs where).",
                   file=sys.stderr)
             sys.exit(2)
         try:

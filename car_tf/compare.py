@@ -212,4 +212,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, "car_tf.compare")
+    cli.run(main, "car_tf.compare", backends=cli.TRAINING_BACKENDS)

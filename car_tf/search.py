@@ -162,4 +162,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, "car_tf.search")
+    cli.run(main, "car_tf.search", backends=cli.TRAINING_BACKENDS)

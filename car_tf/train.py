@@ -138,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, "car_tf.train")
+    cli.run(main, "car_tf.train", backends=cli.TRAINING_BACKENDS)

@@ -17,6 +17,8 @@ and the only K x K array is M.
 
 from keras import ops
 
+from car_tf.backend import widest_float
+
 
 def label_memberships(y_true, num_classes, label_classes=2):
     """Returns (class ids [B, m], weights [B, m]) for int labels [B]/[B, 1] or soft labels [B, K]."""
@@ -93,15 +95,16 @@ def frequency_weights(class_counts, r0=0.2, count_based=False):
 
 
 def ema_coefficients(beta, initialized, updating):
-    """(decay of the stored EMA, weight of C_t), float64, for one step of the EMA recurrence.
+    """(decay of the stored EMA, weight of C_t) for one step of the EMA recurrence.
 
     Cbar_t = decay * Cbar_{t-1} + weight * C_t with (beta, 1 - beta) while training. ``initialized``
     0 means no history yet: the step sets Cbar_t = C_t (the released code's first step; the paper's
     Cbar_0 = 0 is ``initialized = 1`` on a zero EMA). ``updating`` 0 (evaluation) gives (1, 0).
-    Float64, so that a column absent for n steps decays by beta^n to float32 accuracy.
+    Float64 (float32 under JAX without x64), so that a column absent for n steps decays by beta^n
+    to float32 accuracy.
     """
-    initialized = ops.cast(initialized, "float64")
-    updating = ops.cast(updating, "float64")
+    initialized = ops.cast(initialized, widest_float())
+    updating = ops.cast(updating, widest_float())
     decay = beta * initialized
     return updating * decay + (1.0 - updating), updating * (1.0 - decay)
 

@@ -14,7 +14,7 @@ import warnings
 import keras
 from keras import ops
 
-from car_tf.backend import is_tensorflow
+from car_tf.backend import is_tensorflow, widest_float
 from car_tf.keras_compat import FunctionalModel
 
 ATTRIBUTE = "car_state"
@@ -46,7 +46,7 @@ class CARState(keras.layers.Layer):
         k = self.num_classes
         # Cbar[:, j] = ema_decay[j] * ema_columns[j, :] (the column-wise EMA of confusion.py).
         self.ema_columns = weight("ema_columns", (k, k))
-        self.ema_decay = weight("ema_decay", (k,), "ones", dtype="float64")
+        self.ema_decay = weight("ema_decay", (k,), "ones", dtype=widest_float())
         self.initialized = weight("initialized", ())
         # Power iteration on A = Cbar diag(w): u, v and the products A v, A^T u, kept current.
         self.power_u = weight("power_u", (k,), keras.initializers.Constant(k**-0.5))

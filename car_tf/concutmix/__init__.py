@@ -5,21 +5,15 @@ training stream), the pure label functions in ``rectification``,
 ``balanced_contrastive_loss``, ``ConCutMixModel`` (the train step) and the released
 hyperparameters per data set in ``CONCUTMIX_DEFAULTS``.
 """
-from car_tf.concutmix.contrastive import balanced_contrastive_loss
-from car_tf.concutmix.model import ConCutMixModel
-from car_tf.concutmix.rectification import (
-    class_prototypes,
-    rectification_weight,
-    rectify,
-    semantic_label,
-)
-from car_tf.concutmix.stage import (
-    balanced_indices,
-    batch_pad_crop_flip,
-    concutmix_batch_hook,
-    concutmix_stage,
-    per_image,
-)
+from car_tf.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports("car_tf.concutmix", {  # the model and the stage need TensorFlow
+    "contrastive": ("balanced_contrastive_loss",),
+    "model": ("ConCutMixModel",),
+    "rectification": ("class_prototypes", "rectification_weight", "rectify", "semantic_label"),
+    "stage": ("balanced_indices", "batch_pad_crop_flip", "concutmix_batch_hook", "concutmix_stage", "per_image"),
+})
+__all__ = [*__all__, "CONCUTMIX_DEFAULTS"]
 
 # Released settings (Pan et al., TIP 2024, arXiv 2407.04911). "tau" is the logit-adjustment strength of the CE term
 # (released range 0.75-1.0 on CIFAR); the model keys match ConCutMixModel's arguments. No
@@ -77,18 +71,3 @@ CONCUTMIX_DEFAULTS = {
         "omega": 1628 / 255,
     },
 }
-
-__all__ = [
-    "CONCUTMIX_DEFAULTS",
-    "ConCutMixModel",
-    "balanced_contrastive_loss",
-    "balanced_indices",
-    "batch_pad_crop_flip",
-    "class_prototypes",
-    "concutmix_batch_hook",
-    "concutmix_stage",
-    "per_image",
-    "rectification_weight",
-    "rectify",
-    "semantic_label",
-]

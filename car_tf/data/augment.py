@@ -6,7 +6,8 @@ tensor of shape [2] (int32 or int64). Results are identical eagerly and inside t
 import keras
 import tensorflow as tf
 
-CIFAR_PAD = 4
+from car_tf.data.recipes import CIFAR_PAD
+
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_CROP_FRACTION = 0.875

@@ -1,7 +1,7 @@
 """absl flags shared by the command lines (train, evaluate, dlsa) for choosing and reading data."""
 from absl import flags
 
-from car_tf.data import longtail, pipelines, sources
+from car_tf.data import longtail, recipes, sources
 from car_tf.data.loading import CIFAR_IMBALANCE_FACTOR, SMALL_IMAGE_MAX
 
 
@@ -52,7 +52,7 @@ def define_data_flags(flag_values=flags.FLAGS):
         lower_bound=0,
     )
     define(
-        flags.DEFINE_enum, "data_recipe", "auto", ["auto", *pipelines.RECIPES],
+        flags.DEFINE_enum, "data_recipe", "auto", ["auto", *recipes.RECIPES],
         "Augmentation recipe: cifar (pad-4 crop + flip), imagenet (random-resized crop + flip; "
         "resize + center crop for evaluation); auto = cifar for cifar10/cifar100, for folder and "
         f"list data cifar at the images' own size when they are at most {SMALL_IMAGE_MAX} pixels, "

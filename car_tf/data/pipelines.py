@@ -8,27 +8,9 @@ start_epoch=e therefore sees exactly the batches an uninterrupted run sees.
 import tensorflow as tf
 
 from car_tf.data import augment
+from car_tf.data.recipes import DEFAULT_IMAGE_SIZE, RECIPES, resolve_image_size, steps_per_epoch  # noqa: F401
 
-RECIPES = ("cifar", "imagenet")
-DEFAULT_IMAGE_SIZE = {"cifar": 32, "imagenet": 224}
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
-
-
-def steps_per_epoch(data, batch_size):
-    """Number of full batches in one epoch (the remainder is dropped)."""
-    if batch_size < 1 or data.size < batch_size:
-        raise ValueError(
-            f"batch_size={batch_size} does not fit {data.size} training images; "
-            "use a batch size between 1 and the number of images."
-        )
-    return data.size // batch_size
-
-
-def resolve_image_size(recipe, image_size):
-    """image_size, or the recipe's default (32 for cifar, 224 for imagenet) when it is 0 or None."""
-    if recipe not in RECIPES:
-        raise ValueError(f"Unknown recipe {recipe!r}; use one of {RECIPES}.")
-    return int(image_size) if image_size else DEFAULT_IMAGE_SIZE[recipe]
 
 
 def train_dataset(

@@ -12,6 +12,7 @@ import urllib.parse
 import numpy as np
 from absl import logging
 
+from car_tf import backend
 from car_tf.data import longtail
 
 DATA_DIR_ENV = "CAR_TF_DATA_DIR"
@@ -304,20 +305,37 @@ def decode_into_memory(data):
     """The same images decoded once into a uint8 array (all must share one size, as CIFAR's do).
 
     Small data sets then cost no JPEG decoding per epoch (CIFAR-10-LT: 12,406 images, 38 MB).
+    TensorFlow decodes under its backend; elsewhere PIL does, with the same libjpeg integer DCT
+    (car_tf.data.pipelines.decode_image), so both see the same pixels.
     """
+    if data.images is not None:
+        return data
+    decode = _tf_decode() if backend.is_tensorflow() else _pil_decode
+    images = []
+    for path in data.paths:
+        try:
+            images.append(decode(path))
+        except Exception:  # TensorFlow's OpError or PIL's OSError / SyntaxError / ValueError
+            raise ValueError(f"Image {path} cannot be decoded; replace or remove the file.") from None
+    if len({image.shape for image in images}) > 1:
+        raise ValueError(f"Images under {os.path.dirname(data.paths[0])} differ in size; resize them to one size.")
+    return LabeledData(images=np.stack(images), labels=data.labels, class_names=data.class_names,
+                       skipped=data.skipped)
+
+
+def _tf_decode():
     import tensorflow as tf
 
     from car_tf.data.pipelines import decode_image
 
-    images = []
-    for path in data.paths:
-        try:
-            images.append(decode_image(tf.io.read_file(path)).numpy())
-        except tf.errors.OpError:
-            raise ValueError(f"Image {path} cannot be decoded; replace or remove the file.") from None
-    if len({image.shape for image in images}) > 1:
-        raise ValueError(f"Images under {os.path.dirname(data.paths[0])} differ in size; resize them to one size.")
-    return LabeledData(images=np.stack(images), labels=data.labels, class_names=data.class_names)
+    return lambda path: decode_image(tf.io.read_file(path)).numpy()
+
+
+def _pil_decode(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _existing_dir(data_dir, name):

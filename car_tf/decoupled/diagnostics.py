@@ -1,4 +1,4 @@
-"""Per-group view of the decoupled logit |w_c| |x| cos(theta_c) (issue 6).
+"""Per-group view of the decoupled logit |w_c| |x| cos(theta_c).
 
 For each training-count group (many > 100 images, medium 20..100, few < 20) it measures the mean
 norm of the raw classifier columns w_c of the group's classes, the mean feature norm |x| of the
@@ -15,11 +15,10 @@ from car_tf.models.registry import features_model
 
 
 def _feature_extractor(model):
-    """A tf.function mapping images to the output of ``model``'s "features" layer."""
-    import tensorflow as tf  # the diagnostics read tf.data batches; the rest of the package runs on any backend
+    """A compiled function mapping images to the output of ``model``'s "features" layer."""
+    from car_tf.backend import compiled_inference
 
-    extractor = features_model(model, with_logits=False)
-    return tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
+    return compiled_inference(features_model(model, with_logits=False))
 
 
 def decoupled_quantities(model, dataset, class_counts, extractor=None):

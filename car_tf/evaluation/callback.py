@@ -5,7 +5,8 @@ import pathlib
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from car_tf import backend
 
 from car_tf.evaluation import report as report_writers
 from car_tf.evaluation.metrics import confusion_matrix, per_class_report
@@ -46,14 +47,16 @@ class PerClassEvaluation(keras.callbacks.Callback):
 
     Adds "val_top1", "val_many", "val_medium", "val_few", "val_worst_class_accuracy", ... to ``logs``
     (so History, TensorBoard and ModelCheckpoint see them) and, with ``log_dir``, writes the full
-    report to ``log_dir/metrics/epoch_NNN.json`` (NNN counts epochs from 1) and two TensorBoard
-    images per epoch to ``log_dir/tb/per_class`` (step = epoch from 0, as Keras's scalars):
+    report to ``log_dir/metrics/epoch_NNN.json`` (NNN counts epochs from 1) and, under the
+    TensorFlow backend, two TensorBoard images per epoch to ``log_dir/tb/per_class`` (step = epoch
+    from 0, as Keras's scalars):
     "confusion_matrix", P(predicted | true) with one row per true class (beyond 50 classes the 30
     of lowest recall, named), and "accuracy_vs_train_count", per-class recall against training
     images.
 
     Args:
-      dataset: finite tf.data.Dataset of (images, labels) in a fixed order.
+      dataset: finite, re-iterable batches of (images, labels) in a fixed order (a tf.data.Dataset,
+        or car_tf.data.arrays.EvalBatches).
       train_counts: training images per class (many/medium/few groups, frequency weights).
       log_dir: run directory; None writes nothing to disk.
       class_names: optional names of the classes for the JSON report.
@@ -87,8 +90,9 @@ class PerClassEvaluation(keras.callbacks.Callback):
             training_logs = {k: float(v) for k, v in (logs or {}).items() if not k.startswith("val_")}
             record = {"epoch": epoch + 1, "train_logs": training_logs, **report}
             (metrics_dir / f"epoch_{epoch + 1:03d}.json").write_text(json.dumps(record, indent=2) + "\n")
-            confusion = confusion_matrix(np.argmax(scores, axis=-1), labels, len(self.train_counts))
-            self._write_images(epoch, report, confusion)
+            if backend.is_tensorflow():  # TensorBoard's images are written with tf.summary
+                confusion = confusion_matrix(np.argmax(scores, axis=-1), labels, len(self.train_counts))
+                self._write_images(epoch, report, confusion)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -106,6 +110,8 @@ class PerClassEvaluation(keras.callbacks.Callback):
             ACCURACY_TAG: report_writers.accuracy_vs_count_figure(report),
         }
         # keras.callbacks.TensorBoard writes scalars from the logs only; images need tf.summary.
+        import tensorflow as tf
+
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir / "tb" / TENSORBOARD_RUN))
         with self._writer.as_default():

@@ -85,19 +85,18 @@ class KerasPredictor:
     outputs = "logits"
 
     def __init__(self, model, class_names=None):
-        import tensorflow as tf
+        from car_tf.backend import compiled_inference
 
         self.model = inference_model(model)
         height, width = self.model.input_shape[1:3]
         self.image_size = (height, width) if height and width else None
         self.num_classes = int(self.model.output_shape[-1])
         self.class_names = list(class_names) if class_names is not None else None
-        self._call = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32),
-                                 reduce_retracing=True)
+        self._call = compiled_inference(self.model)
 
     def predict(self, images):
         images = _check_images(images, self.image_size)
-        return self._call(images.astype(np.float32)).numpy()
+        return self._call(images.astype(np.float32)).astype(np.float32)
 
 
 class SavedModelPredictor:

@@ -1,13 +1,25 @@
-"""The one module that talks to tf.distribute: strategies by name, the cluster, determinism."""
+"""The one module that talks to tf.distribute: strategies by name, the cluster, determinism.
 
+Under another Keras backend there is no strategy: "auto" spreads the batch over the backend's
+devices with keras.distribution.DataParallel when it has several, and TensorFlow is not imported.
+"""
+
+import contextlib
 import json
 import os
 
-import tensorflow as tf
+import keras
 
-from car_tf.keras_compat import build_compiled_state, skip_fit_build_pass
+from car_tf import backend
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+
+
+class NoStrategy:
+    """Stands in for a tf.distribute strategy under other backends: its scope is a no-op."""
+
+    def scope(self):
+        return contextlib.nullcontext()
 
 
 def make_strategy(name="auto"):
@@ -17,7 +29,12 @@ def make_strategy(name="auto"):
     mirrored: MirroredStrategy over the visible GPUs (over the CPU without any).
     multi_worker: MultiWorkerMirroredStrategy; the cluster comes from the TF_CONFIG variable.
     one_device: the first GPU, else the CPU.
+    Under other backends only "auto" exists (see the module's docstring).
     """
+    if not backend.is_tensorflow():
+        return _keras_distribution(name)
+    import tensorflow as tf
+
     # Physical, not logical, devices: listing logical ones starts the runtime, after which
     # MultiWorkerMirroredStrategy can no longer configure its collectives.
     gpus = tf.config.list_physical_devices("GPU")
@@ -37,14 +54,28 @@ def make_strategy(name="auto"):
     raise ValueError(f"--strategy={name!r} is not known; use one of {', '.join(STRATEGIES)}.")
 
 
+def _keras_distribution(name):
+    if name != "auto":
+        raise ValueError(f"--strategy={name} is a TensorFlow strategy; under KERAS_BACKEND="
+                         f"{keras.backend.backend()} use --strategy=auto (all devices, data parallel).")
+    devices = keras.distribution.list_devices()
+    if len(devices) > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    return NoStrategy()
+
+
 def replica_count():
     """Replicas computing the current step in sync (1 outside a replica context)."""
+    import tensorflow as tf
+
     context = tf.distribute.get_replica_context()
     return context.num_replicas_in_sync if context is not None else 1
 
 
 def replica_id():
     """This replica's index among those in sync (0 outside a replica context)."""
+    import tensorflow as tf
+
     context = tf.distribute.get_replica_context()
     return context.replica_id_in_sync_group if context is not None else 0
 
@@ -56,12 +87,20 @@ def all_gather(values):
     """
     if replica_count() == 1:
         return values
+    import tensorflow as tf
+
     return tf.distribute.get_replica_context().all_gather(values, axis=0)
 
 
 def enable_determinism():
-    """Deterministic TensorFlow kernels (slower on GPUs; runs and resumes repeat exactly)."""
-    tf.config.experimental.enable_op_determinism()
+    """Deterministic TensorFlow kernels (slower on GPUs; runs and resumes repeat exactly).
+
+    JAX on a CPU is deterministic already; on a GPU, XLA_FLAGS=--xla_gpu_deterministic_ops=true.
+    """
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def _tf_config():
@@ -92,6 +131,12 @@ def prepare_for_multi_worker(model, strategy, dataset):
     2. The step's logs are reduced with ``reduce("MEAN", value, axis=0)``, which fails on
        scalars: give each log value a leading axis of 1, which that reduction averages away.
     """
+    if isinstance(strategy, NoStrategy):
+        return
+    import tensorflow as tf
+
+    from car_tf.keras_compat import build_compiled_state, skip_fit_build_pass
+
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
     with strategy.scope():

@@ -15,7 +15,8 @@ import keras
 import numpy as np
 from absl import logging
 
-from car_tf.data import pipelines
+from car_tf import backend
+from car_tf.data import recipes, streams
 from car_tf.data.loading import load_datasets
 from car_tf.evaluation.callback import PerClassEvaluation
 from car_tf.evaluation.metrics import per_class_report
@@ -147,6 +148,7 @@ def write_run_files(run_dir, config, base_loss, train, recipe, image_size, class
         "epochs": config.optimizer.epochs,
         "epochs_extended_from": list(extended_from),
         "pretrained": config.model.pretrained,
+        "keras_backend": keras.backend.backend(),
         "evaluated_on": "validation" if config.data.validation_fraction else "test",
         # Inside the model, so evaluation and export apply it too; recorded for the reader.
         "pixel_normalization": {k: normalization[k] for k in ("mean", "std", "scale", "channel_order")},
@@ -185,6 +187,10 @@ def train(config):
         run_directory.start_over(run_dir)
     active = methods.active_methods(config)
     base_loss = methods.effective_base_loss(config)
+    for method, _ in active:
+        if method.needs_tensorflow and not backend.is_tensorflow():
+            raise ValueError(f"{method.name} {method.needs_tensorflow}, so it cannot train under KERAS_BACKEND="
+                             f"{keras.backend.backend()}; unset KERAS_BACKEND to use TensorFlow.")
     current = config.flag_values()
     stored = run_directory.read_flagfile(run_dir)
     differing = []
@@ -202,9 +208,10 @@ def train(config):
     checkpoint_dir = write_dir / "checkpoints"
 
     train_data, test_data, recipe, image_size = load_datasets(config.data)
+    train_data, test_data = streams.prepare(train_data, test_data, recipe, image_size)
     counts = train_data.counts()
     batch_size, epochs = config.optimizer.batch_size, config.optimizer.epochs
-    steps = pipelines.steps_per_epoch(train_data, batch_size)
+    steps = recipes.steps_per_epoch(train_data, batch_size)
     epochs_done = checkpointing.latest_epoch(checkpoint_dir)
     extended_from = []
     if stored is not None:
@@ -233,7 +240,7 @@ def train(config):
             optimizer=build_optimizer(config, steps, classifier),
             loss=loss,
             metrics=metrics or None,
-            jit_compile=run.jit_compile,
+            jit_compile=run.jit_compile if backend.is_tensorflow() else "auto",  # JAX: every step compiled
         )
         callbacks = [c for method, settings in active for c in method.attach(settings, model, loss)]
         model.optimizer.build(model.trainable_variables)
@@ -257,8 +264,8 @@ def train(config):
     hooks = [h for method, settings in active if (h := method.batch_hook(settings, train_data, stream))]
     if len(hooks) > 1:
         raise ValueError("only one of the run's methods may change the training batches; drop one of them.")
-    train_ds = pipelines.train_dataset(train_data, **stream, batch_hook=hooks[0] if hooks else None)
-    test_ds = pipelines.eval_dataset(test_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+    train_ds = streams.training_stream(train_data, **stream, batch_hook=hooks[0] if hooks else None)
+    test_ds = streams.evaluation_stream(test_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
     distribute.prepare_for_multi_worker(model, strategy, train_ds)
     callbacks += callbacks_for_loss(loss, epochs)
     callbacks += [c for method, settings in active for c in method.callbacks(settings, test_ds, counts)]
@@ -267,7 +274,7 @@ def train(config):
         evaluation,
         NaNGuard(checkpoint_dir),
         keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(write_dir / "tb")),
+        *([keras.callbacks.TensorBoard(str(write_dir / "tb"))] if backend.is_tensorflow() else []),  # tf.summary
         # Last: an epoch's records are complete before its checkpoint makes it count as done.
         checkpointing.EpochCheckpoint(checkpoint_dir),
     ]
@@ -303,7 +310,7 @@ def finish(config, active, classifier, train_data, test_data, test_ds, recipe, i
         report.update(method.report(settings, predictor, test_ds, counts))
     if config.run.eval_on_train:
         batch_size = config.optimizer.batch_size
-        train_ds = pipelines.eval_dataset(train_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+        train_ds = streams.evaluation_stream(train_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
         train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train_data.class_names)
         report["train"] = {k: train_report[k] for k in ("top1", "worst_class_accuracy", "many", "medium", "few")}
         report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]

@@ -158,6 +158,36 @@ def backbones(out):
     pathlib.Path(out).write_text(json.dumps(results))
 
 
+
+def train_methods(out):
+    """Each training method through car_tf.training.trainer on a tiny image folder (argv[3]) for
+    2 epochs; its test top-1 and final training loss."""
+    from car_tf.training import config as run_config
+    from car_tf.training import trainer
+
+    data_dir, results = sys.argv[3], {}
+    choices = {"ce": ("ce", "ce"), "ldam_drw": ("ldam_drw", "ce"), "logit_adjusted": ("logit_adjusted", "ce"),
+               "decoupled": ("decoupled", "ce"), **{f"car_{b}": ("car", b) for b in ("ce", "ldam_drw", "logit_adjusted")}}
+    for name, (method, base) in choices.items():
+        run_dir = pathlib.Path(out).parent / name
+        config = run_config.TrainConfig(
+            run=run_config.RunConfig(model_dir=str(run_dir), verbose=False),
+            data=run_config.DataConfig(dataset="folder", data_dir=data_dir, imbalance_factor=4.5,
+                                       data_recipe="cifar", image_size=16),
+            optimizer=run_config.OptimizerConfig(epochs=2, batch_size=12, lr=0.05, warmup_epochs=0,
+                                                 lr_decay_epochs=(2,)),
+            loss=run_config.BaseLossConfig(base_loss=base),
+            choice=run_config.MethodChoice(method=method),
+        )
+        report = trainer.train(config)
+        history = (run_dir / "history.csv").read_text().splitlines()
+        loss_column = history[0].split(",").index("loss")
+        results[name] = {"top1": report["top1"], "loss": float(history[-1].split(",")[loss_column]),
+                         "epochs_logged": len(history) - 1}
+    results["tensorflow_imported"] = "tensorflow" in sys.modules
+    pathlib.Path(out).write_text(json.dumps(results))
+
+
 if __name__ == "__main__":
     command, out = sys.argv[1:3]
     globals()[command](out)

@@ -181,13 +181,3 @@ def test_readme_example_runs_under_jax(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     sigmas = json.loads(done.stdout.split("]")[0] + "]")
     assert len(sigmas) == 3 and all(s > 0 for s in sigmas)
-
-
-def test_command_line_under_jax_says_it_needs_tensorflow(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "car_tf.train", "--flagfile=launch/demo_cifar10_lt.flags",
-         f"--model_dir={tmp_path / 'run'}"],
-        env={**os.environ, "KERAS_BACKEND": "jax"}, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert "car_tf.train: the command line runs on TensorFlow" in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "run").exists()

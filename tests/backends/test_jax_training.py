@@ -1,0 +1,93 @@
+"""Training under KERAS_BACKEND=jax where TensorFlow cannot be imported: every method, the command
+line, a resumed run, and the parts that need TensorFlow saying so in one sentence."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from test_backends import ROOT, RUNS
+
+TRAIN_FLAGS = ["--dataset=folder", "--imbalance_factor=4.5", "--data_recipe=cifar", "--image_size=16",
+               "--batch_size=12", "--warmup_epochs=0", "--lr=0.05", "--lr_decay_epochs=2", "--noverbose"]
+
+
+@pytest.fixture(scope="module")
+def without_tensorflow(tmp_path_factory):
+    """Environment of a JAX process in which ``import tensorflow`` fails, as where it is not installed."""
+    stub = tmp_path_factory.mktemp("no_tensorflow")
+    (stub / "tensorflow").mkdir()
+    (stub / "tensorflow" / "__init__.py").write_text('raise ImportError("TensorFlow is not installed here")\n')
+    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(stub), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def train(env, *args):
+    return subprocess.run([sys.executable, "-m", "car_tf.train", *TRAIN_FLAGS, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_every_method_trains_under_jax_without_tensorflow(without_tensorflow, tiny_folder, tmp_path):
+    out = tmp_path / "methods.json"
+    done = subprocess.run([sys.executable, str(RUNS), "train_methods", str(out), str(tiny_folder)],
+                          env=without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results.pop("tensorflow_imported") is False
+    assert set(results) == {"ce", "ldam_drw", "logit_adjusted", "decoupled", "car_ce", "car_ldam_drw",
+                            "car_logit_adjusted"}
+    for name, result in results.items():
+        assert result["epochs_logged"] == 2 and np.isfinite(result["loss"]), name
+        assert (tmp_path / name / "model.keras").exists() and (tmp_path / name / "per_class.csv").exists()
+    assert np.mean([r["top1"] for r in results.values()]) > 1 / 3  # three balanced test classes
+
+
+@pytest.mark.slow
+def test_a_killed_jax_run_resumes_to_the_weights_of_an_uninterrupted_one(without_tensorflow, tiny_folder, tmp_path):
+    common = [f"--data_dir={tiny_folder}", "--method=car", "--epochs=2"]
+    straight = train(without_tensorflow, *common, f"--model_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run = tmp_path / "killed"
+    first = train(without_tensorflow, *common, f"--model_dir={run}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # The state of a run killed after its first epoch: the later checkpoint and results are gone.
+    for name in ("checkpoints/epoch_0002.weights.h5", "model.keras", "report.json", "metrics/epoch_002.json"):
+        (run / name).unlink()
+    resumed = train(without_tensorflow, *common, f"--model_dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stderr and len((run / "history.csv").read_text().splitlines()) == 3
+    expected = arrays_of(tmp_path / "straight" / "checkpoints" / "epoch_0002.weights.h5")
+    got = arrays_of(run / "checkpoints" / "epoch_0002.weights.h5")
+    assert set(got) == set(expected) and any(k.startswith("car_state") for k in got)  # CAR's EMA
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    info = json.loads((run / "run.json").read_text())
+    assert info["keras_backend"] == "jax"
+
+
+def arrays_of(path):
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: found.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def test_concutmix_under_jax_is_one_sentence_and_writes_nothing(without_tensorflow, tiny_folder, tmp_path):
+    done = train(without_tensorflow, f"--data_dir={tiny_folder}", "--method=concutmix", "--epochs=1",
+                 f"--model_dir={tmp_path / 'run'}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "car_tf.train: concutmix mixes its batches in a tf.data stage and rectifies labels in a "
+        "TensorFlow train step, so it cannot train under KERAS_BACKEND=jax; unset KERAS_BACKEND to use TensorFlow.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_commands_that_need_tensorflow_refuse_jax_in_one_sentence(without_tensorflow, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "car_tf.evaluate", f"--model={tmp_path / 'run'}"],
+                          env=without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "car_tf.evaluate: this command runs under KERAS_BACKEND=tensorflow, but KERAS_BACKEND is 'jax'" in done.stderr
