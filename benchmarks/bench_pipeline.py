@@ -16,8 +16,6 @@ pipelines within each round spreads any background load over all of them.
 """
 
 import os
-import pathlib
-import tarfile
 import tempfile
 import time
 
@@ -27,36 +25,16 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.cifar_data import cifar10_lt  # noqa: E402
 from car_tf.concutmix import batch_pad_crop_flip, concutmix_stage, per_image  # noqa: E402
-from car_tf.data import LabeledData, load_dataset, read_image_folder, steps_per_epoch, train_dataset  # noqa: E402
+from car_tf.data import steps_per_epoch, train_dataset  # noqa: E402
 from car_tf.data.augment import pad_crop_flip  # noqa: E402
-from car_tf.data.longtail import longtail_counts, subsample_longtail  # noqa: E402
-
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-TARBALL = SHARED_DATA / "cifar10-jpg.tar.gz"
 
 flags.DEFINE_integer("batch_size", 256, "Batch size (ConCutMix's released CIFAR batch).")
 flags.DEFINE_integer("batches", 30, "Timed batches per pipeline and round.")
 flags.DEFINE_integer("warmup", 5, "Batches drawn before timing (tracing, buffers).")
 flags.DEFINE_integer("rounds", 9, "Rounds; the table reports the median round.")
 FLAGS = flags.FLAGS
-
-
-def cifar10_lt(workdir):
-    """{source name: LabeledData} for CIFAR-10-LT from the tarball, or synthetic when absent."""
-    if not TARBALL.is_file():
-        counts = longtail_counts(5000, 10, 100)
-        labels = np.repeat(np.arange(10), counts).astype(np.int32)
-        images = np.random.default_rng(0).integers(0, 256, (labels.size, 32, 32, 3), np.uint8)
-        names = [str(c) for c in range(10)]
-        return {"synthetic memory": LabeledData(labels=labels, class_names=names, images=images)}
-    with tarfile.open(TARBALL) as tar:
-        tar.extractall(workdir, filter="data")
-    tree = next(p.parent for p in pathlib.Path(workdir).rglob("train") if p.is_dir())
-    memory = load_dataset("cifar10", "train", data_dir=tree, imbalance_factor=100)  # decoded once
-    folder = read_image_folder(tree / "train")
-    files = folder.subset(subsample_longtail(folder.labels, memory.counts()))
-    return {"JPEG files": files, "memory (what car_tf.train uses for CIFAR)": memory}
 
 
 def images_per_second(dataset, batch_size):

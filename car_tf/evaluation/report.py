@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import numpy as np
+from absl import logging
 
 # Confusion heatmaps are drawn only up to this many classes; beyond it they are unreadable.
 MAX_HEATMAP_CLASSES = 100
@@ -168,7 +169,8 @@ def write_report(report, output_dir, confusion=None, prefix=""):
     """Writes report.json, per_class.csv and the PNGs into ``output_dir``; returns the paths.
 
     ``confusion`` (the count matrix) adds a heatmap when K <= 100. ``prefix`` names a second split
-    in the same folder (e.g. "train_").
+    in the same folder (e.g. "train_"). Without matplotlib (a minimal serving or GPU machine) the
+    PNGs are left out with a warning; the JSON and CSV carry every number.
     """
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,11 @@ def write_report(report, output_dir, confusion=None, prefix=""):
     }
     write_json(report, paths["json"])
     write_per_class_csv(report, paths["csv"])
+    try:
+        _pyplot()
+    except ImportError:
+        logging.warning("matplotlib is not installed: the report's PNG plots are left out.")
+        return {key: paths[key] for key in ("json", "csv")}
     plot_accuracy_vs_count(report, paths["accuracy_plot"])
     plot_reliability(report, paths["reliability_plot"])
     if confusion is not None and report["num_classes"] <= MAX_HEATMAP_CLASSES:

@@ -31,19 +31,18 @@ def train(env, *args):
 
 
 @pytest.mark.slow
-def test_every_method_trains_under_jax_without_tensorflow(without_tensorflow, tiny_folder, tmp_path):
+def test_the_decoupled_loss_and_car_on_ldam_drw_train_under_jax_without_tensorflow(without_tensorflow, tiny_folder, tmp_path):
     out = tmp_path / "methods.json"
     done = subprocess.run([sys.executable, str(RUNS), "train_methods", str(out), str(tiny_folder)],
                           env=without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results.pop("tensorflow_imported") is False
-    assert set(results) == {"ce", "ldam_drw", "logit_adjusted", "decoupled", "car_ce", "car_ldam_drw",
-                            "car_logit_adjusted"}
+    assert set(results) == {"decoupled", "car_ldam_drw", "car_decoupled"}  # the rest: test_gpu_script.py
     for name, result in results.items():
-        assert result["epochs_logged"] == 2 and np.isfinite(result["loss"]), name
-        assert (tmp_path / name / "model.keras").exists() and (tmp_path / name / "per_class.csv").exists()
-    assert np.mean([r["top1"] for r in results.values()]) > 1 / 3  # three balanced test classes
+        first, last = result["losses"]
+        assert np.isfinite(last) and last < first, name  # the second epoch fits better than the first
+        assert 0 <= result["top1"] <= 1 and (tmp_path / name / "per_class.csv").exists()
 
 
 @pytest.mark.slow
