@@ -6,8 +6,8 @@ and no network. Carry beside the repository, in one folder (about 30 MB):
 
     wheels/               Keras and the small packages it and car_tf need, downloaded elsewhere with
         pip download --only-binary=:all: --no-deps --python-version 3.12 \\
-            --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels \\
-            keras namex optree rich markdown-it-py mdurl pygments pillow tqdm
+            --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d wheels \\
+            keras==3.15.1 namex optree rich markdown-it-py mdurl pygments packaging pillow tqdm
     cifar10-jpg.tar.gz    the CIFAR-10 JPEG tree (train/<class>/*.jpg, test/<class>/*.jpg)
 
 then run, from the repository root:
