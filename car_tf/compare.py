@@ -184,30 +184,52 @@ def write_comparison(output_dir, methods, seeds, timings, pairs=None):
     return text
 
 
-def main(argv):
-    del argv
-    if not FLAGS.output_dir:
+def checked_output_dir(flag_values):
+    """The --output_dir of a command that names each run's directory and seed itself."""
+    if not flag_values.output_dir:
         raise ValueError("--output_dir is required: name the directory that holds the runs.")
     for name in ("model_dir", "seed"):
-        if FLAGS[name].present:
+        if flag_values[name].present:
             raise ValueError(f"--{name} is set per run by this command; use --output_dir and --seeds instead.")
-    methods, seeds = checked_choice(FLAGS.methods, FLAGS.seeds)
-    output_dir = pathlib.Path(FLAGS.output_dir)
+    output_dir = pathlib.Path(flag_values.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    timings_path = output_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    arguments = train_arguments(sys.argv[1:])
+    return output_dir
+
+
+class Runner:
+    """Trains runs under OUTPUT_DIR, one at a time, keeping their training wall time (not the time
+    to read a finished run back) in OUTPUT_DIR/timings.json, keyed by run directory."""
+
+    def __init__(self, output_dir, arguments):
+        self.output_dir, self.arguments = output_dir, arguments
+        self.timings_path = output_dir / "timings.json"
+        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+
+    def train(self, label, seed, extra, group="", prefix=""):
+        """Trains run ``label`` / seed ``seed`` in OUTPUT_DIR/``group`` with the train flags ``extra``."""
+        run_dir = run_directory(self.output_dir / group, label, seed)
+        print(f"{prefix}{label}, seed {seed}: {run_dir}", flush=True)
+        finished = (run_dir / "report.json").exists()
+        what = f"{label} with seed {seed}" + (f" ({group})" if group else "")
+        seconds = train_run([*self.arguments, *extra, f"--seed={seed}"], run_dir, what)
+        if not finished:
+            key = run_dir.relative_to(self.output_dir).as_posix()
+            self.timings[key] = self.timings.get(key, 0.0) + seconds
+        self.timings_path.write_text(json.dumps(self.timings, indent=1))
+
+    def timings_of(self, group):
+        return {k: v for k, v in self.timings.items() if k.startswith(f"{group}/")}
+
+
+def main(argv):
+    del argv
+    output_dir = checked_output_dir(FLAGS)
+    methods, seeds = checked_choice(FLAGS.methods, FLAGS.seeds)
+    runner = Runner(output_dir, train_arguments(sys.argv[1:]))
     total = len(methods) * len(seeds)
     for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
-        print(f"[{index + 1}/{total}] {method}, seed {seed}: {run_directory(output_dir, method, seed)}",
-              flush=True)
-        key, finished = f"{method}/seed_{seed}", (run_directory(output_dir, method, seed) / "report.json").exists()
-        seconds = train_run([*arguments, *METHOD_FLAGS[method], f"--seed={seed}"],
-                            run_directory(output_dir, method, seed), f"{method} with seed {seed}")
-        if not finished:  # reading a finished run back is not training time
-            timings[key] = timings.get(key, 0.0) + seconds
-        timings_path.write_text(json.dumps(timings, indent=1))
-        write_comparison(output_dir, methods, seeds, timings)
+        runner.train(method, seed, METHOD_FLAGS[method], prefix=f"[{index + 1}/{total}] ")
+        write_comparison(output_dir, methods, seeds, runner.timings)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Rerunning the command resumes an interrupted run and reads finished ones back; s
 test/comparison.md are written from whatever has finished.
 """
 
-import json
-import pathlib
 import sys
 
 import numpy as np
@@ -104,48 +102,19 @@ def validation_fraction(argv):
     return FLAGS.validation_fraction if given else DEFAULT_FRACTION
 
 
-class Runner:
-    """Trains runs under OUTPUT_DIR and keeps their training wall time in timings.json."""
-
-    def __init__(self, output_dir, arguments):
-        self.output_dir, self.arguments = output_dir, arguments
-        self.timings_path = output_dir / "timings.json"
-        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
-
-    def train(self, split, label, seed, extra):
-        run_dir = compare.run_directory(self.output_dir / split, label, seed)
-        print(f"{split}: {label}, seed {seed}: {run_dir}", flush=True)
-        finished = (run_dir / "report.json").exists()
-        seconds = compare.train_run([*self.arguments, *extra, f"--seed={seed}"], run_dir,
-                                    f"{label} with seed {seed} ({split})")
-        if not finished:  # reading a finished run back is not training time
-            key = f"{split}/{label}/seed_{seed}"
-            self.timings[key] = self.timings.get(key, 0.0) + seconds
-        self.timings_path.write_text(json.dumps(self.timings, indent=1))
-
-    def timings_of(self, split):
-        return {k: v for k, v in self.timings.items() if k.startswith(f"{split}/")}
-
-
 def main(argv):
     del argv
-    if not FLAGS.output_dir:
-        raise ValueError("--output_dir is required: name the directory that holds the runs.")
-    for name in ("model_dir", "seed"):
-        if FLAGS[name].present:
-            raise ValueError(f"--{name} is set per run by this command; use --output_dir and --seeds instead.")
+    output_dir = compare.checked_output_dir(FLAGS)
     fraction = validation_fraction(sys.argv[1:])
     found = candidates(FLAGS.vary, FLAGS)
     labels = [label for label, _ in found]
     seeds = compare.checked_seeds(FLAGS.seeds)
     confirm_seeds = compare.checked_seeds(FLAGS.confirm_seeds, "confirm_seeds") if FLAGS.confirm_seeds else []
-    output_dir = pathlib.Path(FLAGS.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(output_dir, compare.train_arguments(sys.argv[1:], OWN_FLAGS))
+    runner = compare.Runner(output_dir, compare.train_arguments(sys.argv[1:], OWN_FLAGS))
 
     for seed in seeds:
         for label, extra in found:
-            runner.train("validation", label, seed, [f"--validation_fraction={fraction}", *extra])
+            runner.train(label, seed, [f"--validation_fraction={fraction}", *extra], group="validation")
     runs = compare.finished_runs(output_dir / "validation", labels, seeds)
     best = chosen(runs, labels, FLAGS.select_on)
     text = search_table(runs, labels, seeds, best, FLAGS.select_on, fraction)
@@ -155,8 +124,8 @@ def main(argv):
         return
     names, pairs = [FLAGS.baseline, best], [(best, FLAGS.baseline)]
     for seed in confirm_seeds:
-        runner.train("test", FLAGS.baseline, seed, compare.METHOD_FLAGS[FLAGS.baseline])
-        runner.train("test", best, seed, dict(found)[best])
+        runner.train(FLAGS.baseline, seed, compare.METHOD_FLAGS[FLAGS.baseline], group="test")
+        runner.train(best, seed, dict(found)[best], group="test")
         compare.write_comparison(output_dir / "test", names, confirm_seeds, runner.timings_of("test"), pairs)
 
 
