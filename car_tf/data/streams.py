@@ -44,14 +44,19 @@ def training_stream(data, *, recipe, image_size, batch_size, seed, start_epoch, 
             start_epoch=start_epoch, epochs=epochs, randaugment=randaugment, skip_corrupt=skip_corrupt,
             batch_hook=batch_hook,
         )
-    if randaugment:
-        raise ValueError(f"--randaugment runs on tf.data; under KERAS_BACKEND={keras_backend()} leave it out, "
-                         "or use the TensorFlow backend.")
+    check_options(randaugment)
     if batch_hook is not None:
         raise ValueError(f"this method changes the training batches with tf.data; under KERAS_BACKEND="
                          f"{keras_backend()} it cannot run: use the TensorFlow backend.")
     return arrays.train_batches(data, image_size=image_size, batch_size=batch_size, seed=seed,
                                 start_epoch=start_epoch, epochs=epochs)
+
+
+def check_options(randaugment):
+    """Refuses, before anything is written, what the backend's streams cannot do."""
+    if randaugment and not backend.is_tensorflow():
+        raise ValueError(f"--randaugment runs on tf.data; under KERAS_BACKEND={keras_backend()} leave it out, "
+                         "or use the TensorFlow backend.")
 
 
 def evaluation_stream(data, *, recipe, image_size, batch_size):

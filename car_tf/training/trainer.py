@@ -191,6 +191,7 @@ def train(config):
         if method.needs_tensorflow and not backend.is_tensorflow():
             raise ValueError(f"{method.name} {method.needs_tensorflow}, so it cannot train under KERAS_BACKEND="
                              f"{keras.backend.backend()}; unset KERAS_BACKEND to use TensorFlow.")
+    streams.check_options(config.data.randaugment)
     current = config.flag_values()
     stored = run_directory.read_flagfile(run_dir)
     differing = []
