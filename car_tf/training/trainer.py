@@ -183,15 +183,15 @@ def train(config):
     run = config.run
     run_dir = pathlib.Path(run.model_dir)
     chief = distribute.is_chief()
-    if run.overwrite and chief:
-        run_directory.start_over(run_dir)
     active = methods.active_methods(config)
     base_loss = methods.effective_base_loss(config)
-    for method, _ in active:
+    for method, _ in active:  # before anything is written or deleted
         if method.needs_tensorflow and not backend.is_tensorflow():
             raise ValueError(f"{method.name} {method.needs_tensorflow}, so it cannot train under KERAS_BACKEND="
                              f"{keras.backend.backend()}; unset KERAS_BACKEND to use TensorFlow.")
     streams.check_options(config.data.randaugment)
+    if run.overwrite and chief:
+        run_directory.start_over(run_dir)
     current = config.flag_values()
     stored = run_directory.read_flagfile(run_dir)
     differing = []
