@@ -47,6 +47,9 @@ flags.DEFINE_string("carry", None, "Folder holding wheels/ and cifar10-jpg.tar.g
 flags.DEFINE_string("output_dir", "gpu_run", "Where the runs and gpu_table.md go.")
 flags.DEFINE_integer("budget_s", 570, "Seconds the whole command may take, start-up included.")
 flags.DEFINE_integer("max_epochs", FULL_EPOCHS, "Most epochs to train (1 for a check on CPU).")
+flags.DEFINE_list("methods", list(METHODS), f"Recipes to train, some of {', '.join(METHODS)}.")
+flags.register_validator("methods", lambda names: bool(names) and set(names) <= set(METHODS),
+                         f"--methods must name some of {', '.join(METHODS)}.")
 flags.DEFINE_integer("timing_steps", 30, "Timed training steps per loss (after a compiled warm-up epoch).")
 flags.DEFINE_float("imbalance_factor", 100.0, "Imbalance factor of the long-tailed training subset.")
 FLAGS = flags.FLAGS
@@ -163,16 +166,17 @@ def main(argv):
 
     # Size the run as if the GPU served the five one after another (side by side is faster).
     startup = max(times[m]["first_epoch_s"] for m in ("ce", "car")) + 30  # imports, data, compilation
-    per_epoch = sum(steps * times["car" if m.startswith("car") else "ce"]["step_s"] + times["eval_s"] for m in METHODS)
+    methods = FLAGS.methods
+    per_epoch = sum(steps * times["car" if m.startswith("car") else "ce"]["step_s"] + times["eval_s"] for m in methods)
     available = deadline - time.time() - RESERVE_S - startup
     epochs = max(1, min(FLAGS.max_epochs, int(available / per_epoch)))
     cut = "" if epochs == FULL_EPOCHS else f" (cut from {FULL_EPOCHS} to fit {FLAGS.budget_s} s)"
-    print(f"Training {', '.join(METHODS)} side by side for {epochs} epochs{cut}: "
+    print(f"Training {', '.join(methods)} side by side for {epochs} epochs{cut}: "
           f"{' '.join(scaled_schedule(epochs))}.", flush=True)
 
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.85 / len(METHODS):.3f}"}  # the GPU's memory, shared
-    processes = {m: launch(m, epochs, tree, output_dir, env) for m in METHODS}
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.85 / len(methods):.3f}"}  # the GPU's memory, shared
+    processes = {m: launch(m, epochs, tree, output_dir, env) for m in methods}
     while any(p.poll() is None for p in processes.values()) and time.time() < deadline - RESERVE_S:
         time.sleep(2)
     stopped = [m for m, p in processes.items() if p.poll() is None]
@@ -181,11 +185,11 @@ def main(argv):
     train_minutes = (time.time() - started) / 60
     lines = [
         f"CIFAR-10-LT IF 100, ResNet-32, batch 128, {epochs} epochs{cut}, on one {device} "
-        f"(JAX backend, five runs side by side); test accuracy in percent.",
+        f"(JAX backend, {len(methods)} runs side by side); test accuracy in percent.",
         "",
         "| method | epochs | top-1 | many | medium | few | worst class | worst class, train | published top-1 (200 epochs) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *(row(m, output_dir / "runs" / m, epochs) for m in METHODS),
+        *(row(m, output_dir / "runs" / m, epochs) for m in methods),
         "",
         f"GPU step time at batch 128 (median of {min(FLAGS.timing_steps, steps)} steps): CE "
         f"{1000 * times['ce']['step_s']:.2f} ms, CAR {1000 * times['car']['step_s']:.2f} ms, CAR / CE "

@@ -1,5 +1,6 @@
-"""benchmarks/gpu_cifar10_lt.py end to end on CPU: one epoch of the five recipes under JAX with
-TensorFlow unimportable, on a small CIFAR-shaped tarball."""
+"""benchmarks/gpu_cifar10_lt.py end to end on CPU: one epoch of CE and of CAR on logit adjustment
+(two of its five recipes, to keep CI short) under JAX with TensorFlow unimportable, on a small
+CIFAR-shaped tarball."""
 
 import io
 import os
@@ -33,7 +34,7 @@ def cifar_like_tarball(path, train_per_class=60, test_per_class=5):
 
 
 @pytest.mark.slow
-def test_the_gpu_script_trains_the_five_recipes_and_prints_the_table(tmp_path):
+def test_the_gpu_script_trains_its_recipes_side_by_side_and_prints_the_table(tmp_path):
     carry = tmp_path / "carry"
     carry.mkdir()
     cifar_like_tarball(carry / "cifar10-jpg.tar.gz")
@@ -44,12 +45,13 @@ def test_the_gpu_script_trains_the_five_recipes_and_prints_the_table(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu_cifar10_lt.py", f"--carry={carry}", f"--output_dir={out}",
-         "--budget_s=900", "--max_epochs=1", "--imbalance_factor=2", "--timing_steps=2"],
+         "--budget_s=900", "--max_epochs=1", "--imbalance_factor=2", "--timing_steps=2",
+         "--methods=ce,car_logit_adjusted"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "gpu_table.md").read_text()
     assert table in done.stdout and "Step time at batch 128: CE" in done.stdout
-    for method in ("ce", "ldam_drw", "logit_adjusted", "car", "car_logit_adjusted"):
+    for method in ("ce", "car_logit_adjusted"):
         line = next(l for l in table.splitlines() if l.startswith(f"| {method} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == "1/1" and float(cells[2]) >= 0 and cells[7] != "-", line  # finished, with train accuracy

@@ -166,16 +166,17 @@ def train_methods(out):
     from car_tf.training import trainer
 
     data_dir, results = sys.argv[3], {}
-    # (method, base loss) by name; CE, LDAM-DRW, logit adjustment and CAR on CE and on logit
-    # adjustment train through the command line in tests/test_gpu_script.py.
-    choices = {"decoupled": ("decoupled", "ce"), "car_ldam_drw": ("car", "ldam_drw"), "car_decoupled": ("car", "decoupled")}
+    # (method, base loss) by name; CE and CAR on logit adjustment train through the command line
+    # in tests/test_gpu_script.py.
+    choices = {"ldam_drw": ("ldam_drw", "ce"), "logit_adjusted": ("logit_adjusted", "ce"),
+               "decoupled": ("decoupled", "ce"), "car_ce": ("car", "ce"), "car_ldam_drw": ("car", "ldam_drw")}
     for name, (method, base) in choices.items():
         run_dir = pathlib.Path(out).parent / name
         config = run_config.TrainConfig(
             run=run_config.RunConfig(model_dir=str(run_dir), verbose=False),
             data=run_config.DataConfig(dataset="folder", data_dir=data_dir, imbalance_factor=4.5,
                                        data_recipe="cifar", image_size=16),
-            optimizer=run_config.OptimizerConfig(epochs=2, batch_size=12, lr=0.05, warmup_epochs=0,
+            optimizer=run_config.OptimizerConfig(epochs=2, batch_size=12, lr=0.01, warmup_epochs=0,
                                                  lr_decay_epochs=(2,)),
             loss=run_config.BaseLossConfig(base_loss=base),
             choice=run_config.MethodChoice(method=method),

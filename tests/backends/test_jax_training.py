@@ -31,14 +31,14 @@ def train(env, *args):
 
 
 @pytest.mark.slow
-def test_the_decoupled_loss_and_car_on_ldam_drw_train_under_jax_without_tensorflow(without_tensorflow, tiny_folder, tmp_path):
+def test_the_methods_train_under_jax_without_tensorflow(without_tensorflow, tiny_folder, tmp_path):
     out = tmp_path / "methods.json"
     done = subprocess.run([sys.executable, str(RUNS), "train_methods", str(out), str(tiny_folder)],
                           env=without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results.pop("tensorflow_imported") is False
-    assert set(results) == {"decoupled", "car_ldam_drw", "car_decoupled"}  # the rest: test_gpu_script.py
+    assert set(results) == {"ldam_drw", "logit_adjusted", "decoupled", "car_ce", "car_ldam_drw"}  # and test_gpu_script
     for name, result in results.items():
         first, last = result["losses"]
         assert np.isfinite(last) and last < first, name  # the second epoch fits better than the first
