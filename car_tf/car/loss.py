@@ -47,7 +47,7 @@ class CARLoss(keras.losses.Loss):
         spectral_method: "svd", "power" or "auto" (SVD up to ``svd_max_classes`` classes, default
             100: above that the warm-started power iteration is faster and as exact).
         power_iterations: at most this many power-iteration passes over the EMA per step (half
-            rounds, A v or A^T u, warm-started from the previous step's vectors).
+            rounds, A V or A^T U of a block of 4 vectors, warm-started from the previous step's).
         power_tolerance: passes run while one more would raise sigma by more than this fraction
             (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity confusion matrices
             included).
@@ -145,7 +145,7 @@ class CARLoss(keras.losses.Loss):
         """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect.
 
         The K x K work is forward-only and touches the matrix only where it must: the EMA update
-        rescales and adds the batch's columns (O(K * B)), and so do the products A v, A^T u of the
+        rescales and adds the batch's columns (O(K * B)), and so do the products A V, A^T U of the
         power iteration's pair; passes over the EMA run only while sigma has not
         converged to ``power_tolerance``. sigma is a function of this batch's contribution rows
         through Cbar_t = beta sg(Cbar_{t-1}) + (1 - beta) C_t, so its gradient is applied to the rows
@@ -185,25 +185,28 @@ class CARLoss(keras.losses.Loss):
         # First step of the released code (sg(C_1)) and evaluation: no gradient.
         grad_scale = (1.0 - self.beta) * ops.cast(initialized, "float32") * updating
         per_class = grad_scale * v * frequency / ops.maximum(mass, 1.0)  # [K], by true class
-        row_grad = ops.stop_gradient(u[None, :] * ops.take(per_class, ids)[:, None])  # [B*m, K]
+        # sum over rows q and classes i of contrib[q, i] u_i per_class[class of q], as a product
+        # with u, so that the only B x K work of the gradient is the outer product it implies.
+        row_weight = ops.stop_gradient(ops.take(per_class, ids))
+        along_u = ops.matmul(contrib, ops.stop_gradient(u)[:, None])[:, 0]  # [B*m]
         # Keras divides each replica's loss by the replica count; the rows of every replica
         # reach sigma, so each replica's share of the gradient is scaled back up.
-        linear = replica_count() * ops.sum(contrib * row_grad)
+        linear = replica_count() * ops.sum(along_u * row_weight)
         return ops.stop_gradient(sigma) + linear - ops.stop_gradient(linear)
 
     def _power_step(self, state, columns, ids, decay, weight, updating):
         """(u, v, sigma) of A = Cbar diag(w) after this step's EMA update, warm-started.
 
-        A v and A^T u follow the EMA's recurrence (the batch's columns only), then passes over the
+        A V and A^T U follow the EMA's recurrence (the batch's columns only), then passes over the
         EMA run while sigma has not converged to the tolerance (none during evaluation).
         """
-        frequency = ops.convert_to_tensor(self.weights)
+        frequency = ops.convert_to_tensor(self.weights)[:, None]
         u, v = read(state.power_u), read(state.power_v)
         decay, weight = ops.cast(decay, "float32"), ops.cast(weight, "float32")
-        batch_av = ops.matmul(ops.take(frequency * v, ids)[None, :], columns)[0]  # C_t (w v)
-        batch_atu = ops.segment_sum(ops.matmul(columns, u[:, None])[:, 0], ids, self.num_classes)
+        batch_av = ops.matmul(ops.transpose(columns), ops.take(frequency * v, ids, axis=0))
+        batch_atu = ops.segment_sum(ops.matmul(columns, u), ids, self.num_classes)  # C_t^T U
         av = decay * read(state.power_av) + weight * batch_av
-        atu = decay * read(state.power_atu) + weight * frequency * batch_atu  # w (C_t^T u)
+        atu = decay * read(state.power_atu) + weight * frequency * batch_atu
 
         def matvec(x):
             return state.ema_times(frequency * x)
@@ -220,7 +223,7 @@ class CARLoss(keras.losses.Loss):
             (state.power_u, state.power_v, state.power_av, state.power_atu), (u, v, av, atu)
         ):
             variable.assign(value)
-        return u, v, ops.sum(u * av)
+        return spectral.ritz_pair(u, v, av)
 
     def get_config(self):
         config = super().get_config()

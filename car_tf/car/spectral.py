@@ -2,26 +2,23 @@
 
 sigma = u^T A v with u, v the top singular vectors held under stop-gradient gives the same value and
 gradient as differentiating a full SVD, at the cost of finding u and v. They come from an SVD
-(small K) or from a warm-started power iteration that sees A only through the products A x and
-A^T y (large K), so A is never formed. The products of A with the current u and v are kept up to
-date between steps by whoever changes A, and a pass runs only while sigma has not converged to a
-tolerance: once the EMA drifts slowly most steps need no pass over the K x K matrix at all.
+(small K) or from a warm-started block power iteration that sees A only through the products A X
+and A^T Y of K x r blocks (large K), so A is never formed. The products of A with the current
+bases are kept up to date between steps by whoever changes A, and a pass runs only while sigma has
+not converged to a tolerance. A block of r vectors converges at the rate sigma_{r+1} / sigma_1
+rather than sigma_2 / sigma_1: confusion matrices of a model that has learned something have
+nearly equal leading singular values, where a single vector needs many passes and still misses.
+A pass over the K x K matrix with r vectors costs about what one with a single vector does, as
+it is bound by reading the matrix.
 """
 
 from keras import ops
 
 SPECTRAL_METHODS = ("auto", "svd", "power")
 SVD_MAX_CLASSES = 100
+POWER_VECTORS = 4  # r, the block size of the power iteration
 POWER_TOLERANCE = 3e-6  # sigma within about 1e-4 of an SVD even on near-identity matrices
 _EPS = 1e-30
-
-
-def _norm(x):
-    return ops.sqrt(ops.sum(ops.square(x)))
-
-
-def _unit(x):
-    return x / (_norm(x) + _EPS)
 
 
 def top_singular_vectors_svd(a):
@@ -30,44 +27,78 @@ def top_singular_vectors_svd(a):
     return u[:, 0], vh[0, :]
 
 
-def sigma_gain(u, v, av, atu):
-    """How much half a power round would raise sigma = u^T A v, relative: 0 for a singular pair.
+def start_basis(num_classes, vectors):
+    """r orthonormal K-vectors to start from: the constant vector and the next cosines (DCT-II)."""
+    k = ops.cast(ops.arange(num_classes), "float32")[:, None] + 0.5
+    frequency = ops.cast(ops.arange(vectors), "float32")[None, :]
+    basis = ops.cos(3.141592653589793 * k * frequency / num_classes)
+    return basis / ops.sqrt(ops.sum(ops.square(basis), axis=0, keepdims=True))
 
-    Each half round replaces sigma by |A v| or |A^T u| (both >= sigma); the gain is about half the
-    squared residual |A^T u - sigma v|^2 / sigma^2, so sigma has converged where it is small.
+
+def _finite(small):
+    """A small matrix with non-finite entries zeroed: decompositions refuse NaN; callers keep it."""
+    return ops.where(ops.isfinite(small), small, 0.0)
+
+
+def _largest_singular_value(m):
+    """sigma_max of a tall K x r matrix, from its r x r Gram matrix (NaN if m holds a NaN)."""
+    gram = ops.matmul(ops.transpose(m), m)
+    largest = ops.max(ops.eigh(_finite(gram))[0])
+    return ops.sqrt(ops.maximum(largest, 0.0)) + 0.0 * ops.sum(gram)
+
+
+def ritz_pair(u, v, av):
+    """(u, v, sigma): the best singular triple of A within the bases U, V, from A V alone.
+
+    The top singular pair (p, q) of the r x r matrix U^T A V gives u = U p, v = V q and
+    sigma = u^T A v, the largest value u^T A v takes over unit u, v in the bases' spans.
     """
-    sigma = ops.sum(u * av)
-    best = ops.maximum(_norm(av), _norm(atu))
+    small = ops.matmul(ops.transpose(u), av)
+    p, q = top_singular_vectors_svd(_finite(small))  # sigma below is NaN where small holds one
+    return ops.matmul(u, p[:, None])[:, 0], ops.matmul(v, q[:, None])[:, 0], ops.sum(
+        p * ops.matmul(small, q[:, None])[:, 0]
+    )
+
+
+def sigma_gain(u, v, av, atu):
+    """How much half a block power round would raise sigma, relative: 0 for singular subspaces.
+
+    sigma is the Ritz value of U^T A V; a half round replaces it by the largest singular value of
+    A V or of A^T U (both >= sigma). For one vector the gain is about half the squared residual
+    |A^T u - sigma v|^2 / sigma^2, so sigma has converged where it is small.
+    """
+    sigma = ritz_pair(u, v, av)[2]
+    best = ops.maximum(_largest_singular_value(av), _largest_singular_value(atu))
     return (best - sigma) / (best + _EPS)
 
 
 def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_passes):
-    """Warm-started power iteration on A, seen only through ``matvec`` (A x), ``rmatvec`` (A^T y).
+    """Warm-started block power iteration on A, seen only through ``matvec`` (A X), ``rmatvec`` (A^T Y).
 
-    Starts from unit vectors u, v with their products av = A v and atu = A^T u, and runs half
-    rounds, one pass over A each: v <- A^T u / |A^T u| (then av = A v) or u <- A v / |A v| (then
-    atu = A^T u), whichever raises sigma more, while ``sigma_gain`` is above ``tolerance`` and
-    fewer than ``max_passes`` have run. Both products stay exact for the current pair, so a
+    Starts from orthonormal K x r bases U, V with their products av = A V and atu = A^T U, and
+    runs half rounds, one pass over A each: V <- orth(A^T U) (then av = A V) or U <- orth(A V)
+    (then atu = A^T U), whichever raises sigma more, while ``sigma_gain`` is above ``tolerance``
+    and fewer than ``max_passes`` have run. Both products stay exact for the current bases, so a
     converged pair costs no pass at all. Stopping on sigma rather than on the vectors keeps
     near-identity confusion matrices cheap: with nearly equal top singular values the vectors
     wander among them for many rounds while sigma is already exact. Returns
-    (u, v, av, atu, passes); sigma = u^T A v = sum(u * av). No gradient.
+    (U, V, av, atu, passes); ``ritz_pair(U, V, av)`` gives u, v and sigma. No gradient.
     """
 
     def unfinished(passes, u, v, av, atu):
         return ops.logical_and(passes < max_passes, sigma_gain(u, v, av, atu) > tolerance)
 
     def new_v(u, v, av, atu):
-        v = _unit(atu)
+        v = ops.qr(atu)[0]
         return u, v, matvec(v), atu
 
     def new_u(u, v, av, atu):
-        u = _unit(av)
+        u = ops.qr(av)[0]
         return u, v, av, rmatvec(u)
 
     def half_round(passes, u, v, av, atu):
-        pair = ops.cond(_norm(atu) >= _norm(av), lambda: new_v(u, v, av, atu),
-                        lambda: new_u(u, v, av, atu))
+        left_larger = _largest_singular_value(atu) >= _largest_singular_value(av)
+        pair = ops.cond(left_larger, lambda: new_v(u, v, av, atu), lambda: new_u(u, v, av, atu))
         return (passes + 1, *pair)
 
     start = [ops.convert_to_tensor(0, "int32")] + [ops.stop_gradient(x) for x in (u, v, av, atu)]

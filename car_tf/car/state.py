@@ -9,12 +9,14 @@ variable stays identical on every replica.
 """
 
 import contextlib
+import functools
 import warnings
 
 import keras
 from keras import ops
 
 from car_tf.backend import is_tensorflow, widest_float
+from car_tf.car import spectral
 from car_tf.keras_compat import FunctionalModel
 
 ATTRIBUTE = "car_state"
@@ -22,7 +24,7 @@ ATTRIBUTE = "car_state"
 
 @keras.saving.register_keras_serializable(package="car_tf")
 class CARState(keras.layers.Layer):
-    """EMA confusion matrix, power-iteration vectors, lambda and per-epoch statistics of CAR.
+    """EMA confusion matrix, power-iteration bases, lambda and per-epoch statistics of CAR.
 
     ``updating`` is 1 while training and 0 during evaluation (CARCallback sets it), so
     validation batches are scored against the EMA without changing it.
@@ -48,11 +50,16 @@ class CARState(keras.layers.Layer):
         self.ema_columns = weight("ema_columns", (k, k))
         self.ema_decay = weight("ema_decay", (k,), "ones", dtype=widest_float())
         self.initialized = weight("initialized", ())
-        # Power iteration on A = Cbar diag(w): u, v and the products A v, A^T u, kept current.
-        self.power_u = weight("power_u", (k,), keras.initializers.Constant(k**-0.5))
-        self.power_v = weight("power_v", (k,), keras.initializers.Constant(k**-0.5))
-        self.power_av = weight("power_av", (k,))
-        self.power_atu = weight("power_atu", (k,))
+        # Block power iteration on A = Cbar diag(w): bases U, V [K, r] and A V, A^T U, kept current.
+        r = min(k, spectral.POWER_VECTORS)
+
+        def start(shape, dtype=None):
+            return spectral.start_basis(*shape)
+
+        self.power_u = weight("power_u", (k, r), start)
+        self.power_v = weight("power_v", (k, r), start)
+        self.power_av = weight("power_av", (k, r))
+        self.power_atu = weight("power_atu", (k, r))
         self.power_passes = weight("power_passes", ())  # passes over the EMA so far, for diagnosis
         self.spec_lambda = weight("spec_lambda", (), keras.initializers.Constant(spec_lambda))
         self.sigma_sum = weight("sigma_sum", ())
@@ -72,27 +79,13 @@ class CARState(keras.layers.Layer):
         return ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
 
     def ema_times(self, x):
-        """Cbar x [K] without forming Cbar: one pass over the stored columns, block by block."""
-        decay_x = self._column_decay() * x
-        if not is_tensorflow():
-            return ops.matmul(decay_x[None, :], self.ema_columns.value)[0]
+        """Cbar X [K, r] of a block X [K, r], without forming Cbar: one pass over the stored columns."""
+        decay_x = self._column_decay()[:, None] * x
+        return ops.transpose(_matrix_products()[0](self.ema_columns.value, decay_x))
 
-        def times(total, block, rows, valid):
-            weights = ops.where(valid, ops.take(decay_x, rows), 0.0)
-            return total + ops.matmul(weights[None, :], block)[0]
-
-        return _blockwise(self.ema_columns, times)
-
-    def ema_transpose_times(self, u):
-        """Cbar^T u [K] without forming Cbar: one pass over the stored columns, block by block."""
-        decay = self._column_decay()
-        if not is_tensorflow():
-            return decay * ops.matmul(self.ema_columns.value, u[:, None])[:, 0]
-
-        def times(total, block, rows, valid):
-            return ops.scatter_update(total, rows[:, None], ops.matmul(block, u[:, None])[:, 0])
-
-        return decay * _blockwise(self.ema_columns, times)
+    def ema_transpose_times(self, y):
+        """Cbar^T Y [K, r] of a block Y [K, r], without forming Cbar: one pass over the columns."""
+        return self._column_decay()[:, None] * _matrix_products()[1](self.ema_columns.value, y)
 
     def update_ema(self, columns, ids, decay, weight, updating):
         """Cbar <- decay * Cbar + weight * C_t, touching only the batch's columns (O(K * B)).
@@ -211,11 +204,8 @@ def _distinct(ids):
 
 
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense
-# read once it has been updated in place (so that row updates never copy it), so a pass over the
-# whole matrix reads it in blocks of about _BLOCK_VALUES numbers (16 MiB): no K x K copy.
-_BLOCK_VALUES = 2**22
-
-
+# read once it has been updated in place (so that row updates never copy it); an XLA-compiled
+# function reads the variable's buffer directly, so a pass over the matrix copies nothing.
 def _read_rows(variable, rows):
     """variable[rows] without reading the whole variable (this replica's copy under a strategy)."""
     if not is_tensorflow():
@@ -240,25 +230,28 @@ def _write_rows(variable, rows, values):
     variable.value.scatter_update(tf.IndexedSlices(values, rows))
 
 
-def _blockwise(variable, fn):
-    """fn(total, block, row ids, valid) folded over blocks of rows, one block in memory at a time.
+def _transposed_times(matrix, x):
+    """(M^T X)^T [r, K]: in this form XLA streams the rows of M (transposed inside, 3x slower)."""
+    return ops.einsum("kj,kr->rj", matrix, x)
 
-    ``total`` starts as zeros [K]; the last block repeats the last row, flagged by ``valid``.
-    """
+
+def _times(matrix, y):
+    return ops.matmul(matrix, y)
+
+
+@functools.cache
+def _compiled_products(tensorflow):
+    """((M^T X)^T, M Y) of a variable's value M and K x r blocks; XLA reads M in place under TF."""
+    if not tensorflow:
+        return _transposed_times, _times  # compiled with the train step
     import tensorflow as tf
 
-    total_rows, width = variable.shape
-    size = max(1, min(total_rows, _BLOCK_VALUES // width))
-    count = -(-total_rows // size)
+    compiled = functools.partial(tf.function, jit_compile=True, autograph=False)
+    return compiled(_transposed_times), compiled(_times)
 
-    def step(i, total):
-        rows = i * size + tf.range(size)
-        valid = rows < total_rows
-        rows = tf.minimum(rows, total_rows - 1)
-        return i + 1, fn(total, _read_rows(variable, rows), rows, valid)
 
-    start = (tf.constant(0), tf.zeros([total_rows], variable.dtype))
-    return tf.while_loop(lambda i, _: i < count, step, start, parallel_iterations=1)[1]
+def _matrix_products():
+    return _compiled_products(is_tensorflow())
 
 
 def attach_car_state(model, loss):

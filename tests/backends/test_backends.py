@@ -163,7 +163,8 @@ def test_keras_file_trained_under_jax_loads_and_exports_under_tensorflow(tmp_pat
     for key, value in state.items():
         np.testing.assert_allclose(value, saved[key], rtol=1e-6, atol=1e-7, err_msg=key)
     assert state["state/car_state/initialized"] == 1.0
-    np.testing.assert_allclose(model.predict(saved["images"], verbose=0), saved["predictions"], atol=1e-4)
+    np.testing.assert_allclose(model.predict(saved["images"], verbose=0), saved["predictions"],
+                               rtol=1e-5, atol=1e-4)  # float32 logits in the thousands
     images = saved["images"].astype(np.uint8)
     served = tf.saved_model.load(str(export_plain_saved_model(model, tmp_path / "saved_model")))
     check_parity(lambda x: model(x.astype(np.float32), training=False),

@@ -310,7 +310,7 @@ def test_loss_gradient_matches_finite_differences(spectral_method):
 
 
 def test_power_state_follows_the_ema_and_agrees_with_svd():
-    """Matrix-free power iteration inside CARLoss: A v and A^T u stay exact, sigma matches an SVD."""
+    """Matrix-free power iteration inside CARLoss: A V and A^T U stay exact, sigma matches an SVD."""
     k, rng = 150, np.random.default_rng(8)
     counts = np.maximum(500 * 100.0 ** (-np.arange(k) / (k - 1)), 1).astype(int)
     # A fast-moving EMA (a fifth of the columns renewed each step) needs more than the default cap.
@@ -324,7 +324,8 @@ def test_power_state_follows_the_ema_and_agrees_with_svd():
         state = loss.state
         a = state.ema_matrix().numpy().astype(np.float64) * w[None, :]
         u, v = state.power_u.numpy(), state.power_v.numpy()
-        np.testing.assert_allclose(state.power_av.numpy(), a @ v, rtol=1e-4, atol=1e-9)
-        np.testing.assert_allclose(state.power_atu.numpy(), a.T @ u, rtol=1e-4, atol=1e-9)
+        for got, want in ((state.power_av, a @ v), (state.power_atu, a.T @ u)):
+            # float32 updates: 1e-4 of the block's largest entry (its small entries cancel)
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         if step >= 10:
             assert sigma == pytest.approx(np.linalg.norm(a, 2), rel=1e-4)
