@@ -1,6 +1,7 @@
 """CAR's cost as K grows: step time against plain CE, extra peak memory, SVD against power iteration.
 
     python -m benchmarks.bench_car_scaling [--rounds=3] [--steps=20] [--classes=1000,8142,21843]
+        [--jit_compile]
 
 Prints three markdown tables, all measured in this one run:
 1. seconds per training step (model.fit, same model, batch 128 and data) of CE and of CAR with its
@@ -31,6 +32,7 @@ flags.DEFINE_integer("steps", 20, "Timed training steps per configuration and ro
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_list("classes", ["1000", "8142", "21843"], "Class counts K of the linear head.")
 flags.DEFINE_list("penalty_classes", ["100", "300", "1000"], "K of the SVD / power table.")
+flags.DEFINE_bool("jit_compile", False, "Compile the train steps with XLA (Keras's default on a GPU).")
 flags.DEFINE_string("child", None, "Internal: 'ce:K' or 'car:K' measures one peak memory.")
 FLAGS = flags.FLAGS
 
@@ -63,7 +65,7 @@ def fitted(build, x, y, loss):
     import car_tf
 
     model = build()
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, jit_compile=FLAGS.jit_compile)
     callbacks = [car_tf.CARCallback(loss)] if isinstance(loss, car_tf.CARLoss) else []
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size).repeat()
     run = dict(epochs=1, verbose=0, callbacks=callbacks)
@@ -134,7 +136,8 @@ def peak_memory_mib(method, k):
 
 def child_memory(method, k):
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_car_scaling", f"--child={method}:{k}"],
+        [sys.executable, "-m", "benchmarks.bench_car_scaling", f"--child={method}:{k}",
+         f"--jit_compile={FLAGS.jit_compile}"],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -200,7 +203,8 @@ def main(argv):
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
           f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, batch {FLAGS.batch_size}, "
-          f"median of {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps\n")
+          f"median of {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps, "
+          f"jit_compile={FLAGS.jit_compile}\n")
     print("| model | K | CE s/step | CAR method | CAR s/step | CAR / CE | power passes / step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, k, method, ce, car, passes in step_rows():

@@ -189,18 +189,20 @@ _CARRIERS = {FunctionalModel: CARFunctional, keras.Sequential: CARSequential}
 
 
 def _distinct(ids):
-    """(sorted distinct ids, each id's slot, padding mask) of a batch's class ids.
+    """(distinct ids in ascending order, each id's slot, padding mask) of a batch's class ids.
 
-    TensorFlow takes as many slots as there are ids; a compiled JAX program needs a static size, so
-    there the slots are as many as the ids and the spare ones repeat the smallest id (flagged).
+    There are as many slots as ids, so every shape is known when the step is compiled (XLA, JAX);
+    the spare slots repeat the smallest id and are flagged.
     """
-    if is_tensorflow():
-        rows, inverse = ops.unique(ids, return_inverse=True)
-        return rows, inverse, ops.zeros_like(rows, "bool")
-    size = ids.shape[0]
-    rows, inverse = ops.unique(ids, return_inverse=True, size=size)  # padded with min(ids)
-    distinct = ops.sum(ops.cast(rows[1:] > rows[:-1], "int32")) + 1  # ascending, then padding
-    return rows, ops.reshape(inverse, (-1,)), ops.arange(size) >= distinct
+    size = ops.shape(ids)[0]
+    order = ops.argsort(ids)
+    ascending = ops.take(ids, order)
+    starts = ops.concatenate([ops.ones((1,), "int32"), ops.cast(ascending[1:] > ascending[:-1], "int32")])
+    slot = ops.cumsum(starts) - 1  # each sorted id's slot
+    inverse = ops.scatter(order[:, None], slot, (size,))  # order is a permutation: no repeats
+    padding = ops.arange(size) > slot[-1]
+    rows = ops.where(padding, ascending[0], ops.segment_max(ascending, slot, num_segments=size))
+    return rows, inverse, padding
 
 
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense

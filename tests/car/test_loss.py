@@ -176,13 +176,14 @@ def toy_model():
     )
 
 
-def train(epochs, strategy=None, extra_callbacks=(), lambda_warmup_epochs=0, **loss_kwargs):
+def train(epochs, strategy=None, extra_callbacks=(), lambda_warmup_epochs=0, jit_compile=False,
+          **loss_kwargs):
     strategy = strategy or tf.distribute.get_strategy()
     x, y = toy_data()
     with strategy.scope():
         model = toy_model()
         loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), **loss_kwargs)
-        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss=loss, jit_compile=jit_compile)
     history = model.fit(
         x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
         callbacks=[car_tf.CARCallback(lambda_warmup_epochs=lambda_warmup_epochs), *extra_callbacks],
@@ -248,6 +249,19 @@ class _Kill(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if (self.epoch, batch) == self.at:
             raise KeyboardInterrupt("killed")
+
+
+@pytest.mark.parametrize("spectral_method", ["svd", "power"])
+def test_an_xla_compiled_step_trains_as_the_plain_one(spectral_method):
+    """jit_compile=True (Keras's default on a GPU) compiles CAR's step: same weights and EMA."""
+    keras.utils.set_random_seed(0)
+    plain, _ = train(2, spectral_method=spectral_method)
+    keras.utils.set_random_seed(0)
+    compiled, _ = train(2, spectral_method=spectral_method, jit_compile=True)
+    for got, want in zip(compiled.weights, plain.weights):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(compiled.car_state.ema_matrix().numpy(),
+                               plain.car_state.ema_matrix().numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_killed_run_resumes_with_its_ema(tmp_path):
