@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# JAX processes the tests start (they inherit this) compile for the CPU without LLVM's costly
+# optimisation passes: the tests' models train a few steps, so compiling dominated their time,
+# and what is computed is the same. Set XLA_FLAGS yourself to test with other flags.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import pathlib
 

@@ -128,7 +128,7 @@ def test_out_of_range_label_stops_a_jax_step_with_the_sentence(tmp_path):
 
 def test_data_parallel_on_two_devices_matches_one(tmp_path):
     results = run_under("jax", "data_parallel", tmp_path / "dp.json",
-                        {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                        {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"})
     assert results["devices"] == 2
     one, two = results["1"], results["2"]
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)

@@ -106,16 +106,17 @@ def test_refusal_on_the_command_line_is_one_sentence(finished_run, tiny_folder):
 
 @pytest.mark.slow
 def test_longer_step_schedule_extends_and_cosine_is_refused(tiny_folder, tmp_path):
+    # The learning rate decays after the first epoch: only the extension trains at the decayed rate.
     run = tmp_path / "extend"
-    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, run, "--epochs=2")))
-    reference = tmp_path / "four"
-    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, reference, "--epochs=4")))
-    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, run, "--epochs=4")))
+    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, run, "--epochs=1", "--lr_decay_epochs=1")))
+    reference = tmp_path / "two"
+    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, reference, "--epochs=2", "--lr_decay_epochs=1")))
+    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, run, "--epochs=2", "--lr_decay_epochs=1")))
     info = run_directory.read_run_info(run)
-    assert info["epochs"] == 4 and info["epochs_extended_from"] == [2]
-    assert "--epochs=4" in (run / "flags.txt").read_text().splitlines()
+    assert info["epochs"] == 2 and info["epochs_extended_from"] == [1]
+    assert "--epochs=2" in (run / "flags.txt").read_text().splitlines()
     with (run / "history.csv").open() as f:
-        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2, 3]
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1]
     for got, want in zip(final_weights(run), final_weights(reference), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
