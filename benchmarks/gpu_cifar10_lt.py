@@ -174,7 +174,8 @@ def main(argv):
     print(f"Training {', '.join(methods)} side by side for {epochs} epochs{cut}: "
           f"{' '.join(scaled_schedule(epochs))}.", flush=True)
 
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+    path = [str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]  # the caller's after
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join(path),
            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.85 / len(methods):.3f}"}  # the GPU's memory, shared
     processes = {m: launch(m, epochs, tree, output_dir, env) for m in methods}
     while any(p.poll() is None for p in processes.values()) and time.time() < deadline - RESERVE_S:
