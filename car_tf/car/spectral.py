@@ -67,9 +67,13 @@ def sigma_gain(u, v, av, atu):
     A V or of A^T U (both >= sigma). For one vector the gain is about half the squared residual
     |A^T u - sigma v|^2 / sigma^2, so sigma has converged where it is small.
     """
-    sigma = ritz_pair(u, v, av)[2]
-    best = ops.maximum(_largest_singular_value(av), _largest_singular_value(atu))
-    return (best - sigma) / (best + _EPS)
+    return _gain(u, v, av, _largest_singular_value(av), _largest_singular_value(atu))
+
+
+def _gain(u, v, av, av_sigma, atu_sigma):
+    """sigma_gain from the largest singular values of A V and A^T U, already at hand."""
+    best = ops.maximum(av_sigma, atu_sigma)
+    return (best - ritz_pair(u, v, av)[2]) / (best + _EPS)
 
 
 def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_passes):
@@ -84,25 +88,30 @@ def power_iteration(matvec, rmatvec, u, v, av, atu, tolerance, max_passes):
     wander among them for many rounds while sigma is already exact. Returns
     (U, V, av, atu, passes); ``ritz_pair(U, V, av)`` gives u, v and sigma. No gradient.
     """
+    # The loop carries the largest singular values of av and atu; a half round renews one.
 
-    def unfinished(passes, u, v, av, atu):
-        return ops.logical_and(passes < max_passes, sigma_gain(u, v, av, atu) > tolerance)
+    def unfinished(passes, u, v, av, atu, av_sigma, atu_sigma):
+        return ops.logical_and(passes < max_passes, _gain(u, v, av, av_sigma, atu_sigma) > tolerance)
 
-    def new_v(u, v, av, atu):
+    def new_v(u, v, av, atu, av_sigma, atu_sigma):
         v = ops.qr(atu)[0]
-        return u, v, matvec(v), atu
+        av = matvec(v)
+        return u, v, av, atu, _largest_singular_value(av), atu_sigma
 
-    def new_u(u, v, av, atu):
+    def new_u(u, v, av, atu, av_sigma, atu_sigma):
         u = ops.qr(av)[0]
-        return u, v, av, rmatvec(u)
+        atu = rmatvec(u)
+        return u, v, av, atu, av_sigma, _largest_singular_value(atu)
 
-    def half_round(passes, u, v, av, atu):
-        left_larger = _largest_singular_value(atu) >= _largest_singular_value(av)
-        pair = ops.cond(left_larger, lambda: new_v(u, v, av, atu), lambda: new_u(u, v, av, atu))
+    def half_round(passes, *pair):
+        left_larger = pair[5] >= pair[4]  # |A^T U| >= |A V|
+        pair = ops.cond(left_larger, lambda: new_v(*pair), lambda: new_u(*pair))
         return (passes + 1, *pair)
 
-    start = [ops.convert_to_tensor(0, "int32")] + [ops.stop_gradient(x) for x in (u, v, av, atu)]
-    passes, u, v, av, atu = ops.while_loop(unfinished, half_round, start)
+    products = [ops.stop_gradient(x) for x in (u, v, av, atu)]
+    start = [ops.convert_to_tensor(0, "int32"), *products,
+             _largest_singular_value(products[2]), _largest_singular_value(products[3])]
+    passes, u, v, av, atu, _, _ = ops.while_loop(unfinished, half_round, start)
     return u, v, av, atu, passes
 
 
