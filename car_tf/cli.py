@@ -12,8 +12,8 @@ from absl import app, flags
 
 # Errors that bad input causes: paths, files, flag values, data, a diverging loss.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
-# Keras backends the training commands are tested under (PyTorch is not: README, 'Keras backends').
-TRAINING_BACKENDS = ("tensorflow", "jax")
+# Keras backends the training commands are tested under (README, 'Keras backends').
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
 _IMAGE_ASSERT = re.compile(r"Could not read or decode image file\]?\s*\[?([^\]\n]+?)\]?\s*\[?- fix")
 
 

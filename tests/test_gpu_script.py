@@ -3,7 +3,6 @@
 CIFAR-shaped tarball."""
 
 import io
-import os
 import subprocess
 import sys
 import tarfile
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend_env import without_tensorflow, write_tensorflow_stub
 from train_helpers import ROOT
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -41,10 +41,8 @@ def test_the_gpu_script_trains_its_recipes_side_by_side_and_prints_the_table(tmp
     carry = tmp_path / "carry"
     carry.mkdir()
     cifar_like_tarball(carry / "cifar10-jpg.tar.gz")
-    stub = tmp_path / "stub" / "tensorflow"
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text('raise ImportError("TensorFlow is not installed here")\n')
-    env = {**os.environ, "PYTHONPATH": str(stub.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    (tmp_path / "stub").mkdir()
+    env = without_tensorflow(write_tensorflow_stub(tmp_path / "stub"), "jax")
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu_cifar10_lt.py", f"--carry={carry}", f"--output_dir={out}",

@@ -1,7 +1,8 @@
 """The one module that talks to tf.distribute: strategies by name, the cluster, determinism.
 
-Under another Keras backend there is no strategy: "auto" spreads the batch over the backend's
-devices with keras.distribution.DataParallel when it has several, and TensorFlow is not imported.
+Under another Keras backend there is no strategy and TensorFlow is not imported: under JAX "auto"
+spreads the batch over the devices with keras.distribution.DataParallel when there are several;
+under PyTorch it trains on one device (keras.distribution has no PyTorch implementation).
 """
 
 import contextlib
@@ -57,7 +58,9 @@ def make_strategy(name="auto"):
 def _keras_distribution(name):
     if name != "auto":
         raise ValueError(f"--strategy={name} is a TensorFlow strategy; under KERAS_BACKEND="
-                         f"{keras.backend.backend()} use --strategy=auto (all devices, data parallel).")
+                         f"{keras.backend.backend()} use --strategy=auto.")
+    if keras.backend.backend() != "jax":
+        return NoStrategy()
     devices = keras.distribution.list_devices()
     if len(devices) > 1:
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))

@@ -153,7 +153,7 @@ def backbones(out):
     results = {}
     for name in ("resnet32", "resnet50", "resnext50_32x4d", "vit_s16", "vit_b16"):
         model = car_tf.models.create_model(name, 3, input_shape=(32, 32, 3))
-        logits = np.asarray(model(np.zeros((2, 32, 32, 3), "float32"), training=False))
+        logits = keras.ops.convert_to_numpy(model(np.zeros((2, 32, 32, 3), "float32"), training=False))
         results[name] = {"shape": list(logits.shape), "finite": bool(np.isfinite(logits).all())}
     pathlib.Path(out).write_text(json.dumps(results))
 

@@ -1,8 +1,7 @@
-"""Training under KERAS_BACKEND=jax where TensorFlow cannot be imported: every method, the command
-line, a resumed run, and the parts that need TensorFlow saying so in one sentence."""
+"""Training under KERAS_BACKEND=jax and torch where TensorFlow cannot be imported: every method, the
+command line, a resumed run, and the parts that need TensorFlow saying so in one sentence."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,25 +16,16 @@ TRAIN_FLAGS = ["--dataset=folder", "--imbalance_factor=4.5", "--data_recipe=cifa
                "--batch_size=12", "--warmup_epochs=0", "--lr=0.05", "--lr_decay_epochs=2", "--noverbose"]
 
 
-@pytest.fixture(scope="module")
-def without_tensorflow(tmp_path_factory):
-    """Environment of a JAX process in which ``import tensorflow`` fails, as where it is not installed."""
-    stub = tmp_path_factory.mktemp("no_tensorflow")
-    (stub / "tensorflow").mkdir()
-    (stub / "tensorflow" / "__init__.py").write_text('raise ImportError("TensorFlow is not installed here")\n')
-    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(stub), "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
 def train(env, *args):
     return subprocess.run([sys.executable, "-m", "car_tf.train", *TRAIN_FLAGS, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_the_methods_train_under_jax_without_tensorflow(without_tensorflow, tiny_folder, tmp_path):
+def test_the_methods_train_without_tensorflow(off_tensorflow, tiny_folder, tmp_path):
     out = tmp_path / "methods.json"
     done = subprocess.run([sys.executable, str(RUNS), "train_methods", str(out), str(tiny_folder)],
-                          env=without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          env=off_tensorflow[1], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results.pop("tensorflow_imported") is False
@@ -47,9 +37,10 @@ def test_the_methods_train_under_jax_without_tensorflow(without_tensorflow, tiny
 
 
 @pytest.mark.slow
-def test_a_killed_jax_run_resumes_to_the_weights_of_an_uninterrupted_one(without_tensorflow, tiny_folder, tmp_path):
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(off_tensorflow, tiny_folder, tmp_path):
+    backend, env = off_tensorflow
     common = [f"--data_dir={tiny_folder}", "--method=car", "--epochs=2"]
-    straight = train(without_tensorflow, *common, f"--model_dir={tmp_path / 'straight'}")
+    straight = train(env, *common, f"--model_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     # The state of a run killed after its first epoch: a copy of the uninterrupted run (--model_dir
     # may differ on a resume) with the later checkpoint and results gone.
@@ -57,7 +48,7 @@ def test_a_killed_jax_run_resumes_to_the_weights_of_an_uninterrupted_one(without
     shutil.copytree(tmp_path / "straight", run)
     for name in ("checkpoints/epoch_0002.weights.h5", "model.keras", "report.json", "metrics/epoch_002.json"):
         (run / name).unlink()
-    resumed = train(without_tensorflow, *common, f"--model_dir={run}")
+    resumed = train(env, *common, f"--model_dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming" in resumed.stderr and len((run / "history.csv").read_text().splitlines()) == 3
     expected = arrays_of(tmp_path / "straight" / "checkpoints" / "epoch_0002.weights.h5")
@@ -66,7 +57,7 @@ def test_a_killed_jax_run_resumes_to_the_weights_of_an_uninterrupted_one(without
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
     info = json.loads((run / "run.json").read_text())
-    assert info["keras_backend"] == "jax"
+    assert info["keras_backend"] == backend
 
 
 def arrays_of(path):
@@ -76,8 +67,8 @@ def arrays_of(path):
     return found
 
 
-def test_concutmix_under_jax_is_one_sentence_and_writes_nothing(without_tensorflow, tiny_folder, tmp_path):
-    done = train(without_tensorflow, f"--data_dir={tiny_folder}", "--method=concutmix", "--epochs=1",
+def test_concutmix_under_jax_is_one_sentence_and_writes_nothing(jax_without_tensorflow, tiny_folder, tmp_path):
+    done = train(jax_without_tensorflow, f"--data_dir={tiny_folder}", "--method=concutmix", "--epochs=1",
                  f"--model_dir={tmp_path / 'run'}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
@@ -86,8 +77,8 @@ def test_concutmix_under_jax_is_one_sentence_and_writes_nothing(without_tensorfl
     assert not (tmp_path / "run").exists()
 
 
-def test_commands_that_need_tensorflow_refuse_jax_in_one_sentence(without_tensorflow, tmp_path):
+def test_commands_that_need_tensorflow_refuse_jax_in_one_sentence(jax_without_tensorflow, tmp_path):
     done = subprocess.run([sys.executable, "-m", "car_tf.evaluate", f"--model={tmp_path / 'run'}"],
-                          env=without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          env=jax_without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "car_tf.evaluate: this command runs under KERAS_BACKEND=tensorflow, but KERAS_BACKEND is 'jax'" in done.stderr
