@@ -10,6 +10,19 @@ import keras
 from keras import ops
 
 
+def import_tensorflow(user):
+    """The tensorflow module, for ``user`` (a module that needs it); one sentence where it is missing."""
+    try:
+        import tensorflow
+    except ImportError as error:
+        raise ImportError(
+            f"{user} needs TensorFlow, which cannot be imported here ({error}); install "
+            "tensorflow==2.21.0, or under KERAS_BACKEND=jax or torch use the parts README's 'Keras "
+            "backends' lists."
+        ) from None
+    return tensorflow
+
+
 def is_tensorflow():
     return keras.backend.backend() == "tensorflow"
 

@@ -66,20 +66,26 @@ def sentence(error):
     return _first_line(error) or type(error).__name__
 
 
+def refuse_other_backends(program, backends=("tensorflow",)):
+    """Exits with one sentence (code 2) where KERAS_BACKEND is not among ``backends``, those the
+    command is tested under. Commands whose modules import TensorFlow call it before them."""
+    if keras.backend.backend() not in backends:
+        print(f"{program}: this command runs under KERAS_BACKEND={' or '.join(backends)}, but "
+              f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it to use TensorFlow "
+              "(README, 'Keras backends', says what runs where).",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def run(main, program, extra_errors=(), backends=("tensorflow",)):
     """``absl.app.run(main)``, with user errors (and ``extra_errors``) as one sentence on stderr.
 
-    A KERAS_BACKEND outside ``backends`` (those the command is tested under) is refused first.
+    A KERAS_BACKEND outside ``backends`` is refused first (``refuse_other_backends``).
     """
     define_debug_flag()
 
     def guarded(argv):
-        if keras.backend.backend() not in backends:
-            print(f"{program}: this command runs under KERAS_BACKEND={' or '.join(backends)}, but "
-                  f"KERAS_BACKEND is {keras.backend.backend()!r}; unset it to use TensorFlow "
-                  "(README, 'Keras backends', says what runs where).",
-                  file=sys.stderr)
-            sys.exit(2)
+        refuse_other_backends(program, backends)
         try:
             return main(argv)
         except Exception as error:

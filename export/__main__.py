@@ -97,6 +97,8 @@ def define_flags():
 
 if __name__ == "__main__":
     from car_tf import cli
+
+    cli.refuse_other_backends("export")  # before export.parity, which imports TensorFlow
     from export.parity import ExportParityError
 
     define_flags()

@@ -5,11 +5,13 @@ import os
 import pathlib
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
+from car_tf.backend import import_tensorflow
 from car_tf.data.pipelines import decode_image
 from export.saved_model import eval_preprocess
+
+tf = import_tensorflow(__name__)
 
 PARITY_BATCH_SIZES = (1, 32)
 PARITY_TOLERANCE = 1e-4

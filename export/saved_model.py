@@ -1,12 +1,14 @@
 """Serving SavedModel export: uint8 images of any size in, probabilities and top-k classes out."""
 
 import keras
-import tensorflow as tf
 
+from car_tf.backend import import_tensorflow
 from car_tf.data.augment import resize_center_crop, resize_to
 from car_tf.data.loading import SMALL_IMAGE_MAX, recipe_for
 from car_tf.data.pipelines import RECIPES
 from car_tf.evaluation.predictors import inference_model
+
+tf = import_tensorflow(__name__)
 
 LOW_PRECISION = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 

@@ -1,9 +1,9 @@
 """ConCutMixModel: a classifier trained with rectified balanced CutMix + BCL (Pan et al., TIP 2024, arXiv 2407.04911)."""
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
+from car_tf.backend import import_tensorflow
 from car_tf.car.state import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
@@ -17,6 +17,8 @@ from car_tf.losses.cross_entropy import checked_class_counts, target_distributio
 from car_tf.models.registry import features_model
 from car_tf.training.distribute import all_gather, replica_count, replica_id
 from car_tf.ops import l2_normalize
+
+tf = import_tensorflow(__name__)
 
 
 def _per_global_batch(loss):

@@ -30,10 +30,12 @@ index in epoch), with epoch = start_epoch + i // steps_per_epoch, so a run resum
 the same batches as an uninterrupted one (given a stream with the same property).
 """
 import numpy as np
-import tensorflow as tf
 
+from car_tf.backend import import_tensorflow
 from car_tf.data import augment as augment_ops
 from car_tf.data import pipelines
+
+tf = import_tensorflow(__name__)
 
 # Sub-seeds drawn from each batch seed, in this order.
 _SEED_NAMES = ("coin", "lam", "box_y", "box_x", "balanced", "view1", "view2", "partner")

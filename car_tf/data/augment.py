@@ -4,9 +4,11 @@ Every function takes a float32 image [H, W, 3] with values in [0, 255] and, wher
 tensor of shape [2] (int32 or int64). Results are identical eagerly and inside tf.data.
 """
 import keras
-import tensorflow as tf
 
+from car_tf.backend import import_tensorflow
 from car_tf.data.recipes import CIFAR_PAD
+
+tf = import_tensorflow(__name__)
 
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)

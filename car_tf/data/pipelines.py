@@ -5,10 +5,12 @@ stream depends only on (seed, e): its order is a stateless permutation keyed by 
 each image's augmentation is keyed by (seed, e, position in the epoch). A run resumed with
 start_epoch=e therefore sees exactly the batches an uninterrupted run sees.
 """
-import tensorflow as tf
 
+from car_tf.backend import import_tensorflow
 from car_tf.data import augment
 from car_tf.data.recipes import DEFAULT_IMAGE_SIZE, RECIPES, resolve_image_size, steps_per_epoch  # noqa: F401
+
+tf = import_tensorflow(__name__)
 
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 

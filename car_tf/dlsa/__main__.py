@@ -13,14 +13,16 @@ import pathlib
 from absl import flags, logging
 
 from car_tf import cli
-from car_tf.data.flags import define_data_flags
-from car_tf.data.loading import load_datasets
-from car_tf.data.pipelines import eval_dataset
-from car_tf.dlsa.classifiers import ClassifierTrainingConfig
-from car_tf.dlsa.fit import DLSAConfig
-from car_tf.dlsa.flow_training import FlowTrainingConfig
-from car_tf.dlsa.run import run_dlsa
-from car_tf.evaluation.predictors import read_run_info
+
+cli.refuse_other_backends("car_tf.dlsa")  # before the modules below, which import TensorFlow
+from car_tf.data.flags import define_data_flags  # noqa: E402
+from car_tf.data.loading import load_datasets  # noqa: E402
+from car_tf.data.pipelines import eval_dataset  # noqa: E402
+from car_tf.dlsa.classifiers import ClassifierTrainingConfig  # noqa: E402
+from car_tf.dlsa.fit import DLSAConfig  # noqa: E402
+from car_tf.dlsa.flow_training import FlowTrainingConfig  # noqa: E402
+from car_tf.dlsa.run import run_dlsa  # noqa: E402
+from car_tf.evaluation.predictors import read_run_info  # noqa: E402
 
 define_data_flags()
 flags.DEFINE_string("model_dir", None, "Run directory of the trained base model (run.json, model.keras).")

@@ -13,11 +13,13 @@ import dataclasses
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
 
+from car_tf.backend import import_tensorflow
 from car_tf.losses.logit_adjusted import logit_adjusted_cross_entropy
+
+tf = import_tensorflow(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,11 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
+
+from car_tf.backend import import_tensorflow
+
+tf = import_tensorflow(__name__)
 
 LOG_2PI = math.log(2.0 * math.pi)
 

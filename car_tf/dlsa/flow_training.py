@@ -26,9 +26,12 @@ import dataclasses
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from tqdm.auto import tqdm
+
+from car_tf.backend import import_tensorflow
+
+tf = import_tensorflow(__name__)
 
 CONTRAST_EPSILON = 1e-6
 

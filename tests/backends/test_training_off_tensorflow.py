@@ -77,8 +77,19 @@ def test_concutmix_under_jax_is_one_sentence_and_writes_nothing(jax_without_tens
     assert not (tmp_path / "run").exists()
 
 
-def test_commands_that_need_tensorflow_refuse_jax_in_one_sentence(jax_without_tensorflow, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "car_tf.evaluate", f"--model={tmp_path / 'run'}"],
+@pytest.mark.parametrize("command", ["car_tf.evaluate", "export"])
+def test_commands_that_need_tensorflow_refuse_jax_in_one_sentence(jax_without_tensorflow, command, tmp_path):
+    done = subprocess.run([sys.executable, "-m", command, f"--model={tmp_path / 'run'}"],
                           env=jax_without_tensorflow, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "car_tf.evaluate: this command runs under KERAS_BACKEND=tensorflow, but KERAS_BACKEND is 'jax'" in done.stderr
+    assert f"{command}: this command runs under KERAS_BACKEND=tensorflow, but KERAS_BACKEND is 'jax'" in done.stderr
+
+
+def test_a_module_that_needs_tensorflow_says_so_where_it_is_missing(jax_without_tensorflow):
+    done = subprocess.run([sys.executable, "-c", "import car_tf.dlsa.flow"], env=jax_without_tensorflow,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: car_tf.dlsa.flow needs TensorFlow, which cannot be imported here (TensorFlow is not "
+        "installed here); install tensorflow==2.21.0, or under KERAS_BACKEND=jax or torch use the parts "
+        "README's 'Keras backends' lists.")
