@@ -257,18 +257,14 @@ def _times(matrix, y):
 
 
 @functools.cache
-def _compiled_products(tensorflow):
+def _matrix_products():
     """((M^T X)^T, M Y) of a variable's value M and K x r blocks; XLA reads M in place under TF."""
-    if not tensorflow:
+    if not is_tensorflow():
         return _transposed_times, _times  # compiled with the train step
     import tensorflow as tf
 
     compiled = functools.partial(tf.function, jit_compile=True, autograph=False)
     return compiled(_transposed_times), compiled(_times)
-
-
-def _matrix_products():
-    return _compiled_products(is_tensorflow())
 
 
 def attach_car_state(model, loss):
