@@ -7,6 +7,6 @@ The public entry points for use in your own Keras code::
     model.fit(ds, callbacks=[car_tf.CARCallback(loss)])
 """
 
-from car_tf.car import CARCallback, CARLoss, CARState, attach_car_state
+from car_tf.car import CARCallback, CARLoss, CARState, SparseCARState, attach_car_state
 
-__all__ = ["CARCallback", "CARLoss", "CARState", "attach_car_state"]
+__all__ = ["CARCallback", "CARLoss", "CARState", "SparseCARState", "attach_car_state"]

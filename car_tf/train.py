@@ -95,6 +95,7 @@ flags.DEFINE_enum("spec_ema_init", "first_batch", ["first_batch", "zeros"], "EMA
 flags.DEFINE_enum("spectral_method", "auto", ["auto", "svd", "power"], "How sigma_max is found.")
 flags.DEFINE_integer("power_iterations", 20, "At most this many warm-started power-iteration passes per step.")
 flags.DEFINE_float("power_tolerance", 3e-6, "Power iteration stops once a pass raises sigma by less than this fraction.")
+flags.DEFINE_integer("spec_sparse_ema_entries", None, "Sparse EMA: keep each class's N largest confusions (unset: dense K x K).")
 flags.DEFINE_integer("lambda_warmup_epochs", 0, "Epochs of linear lambda ramp-up (released code: 0).")
 # ConCutMix (Pan et al., TIP 2024, arXiv 2407.04911).
 flags.DEFINE_float("ccm_alpha", 2.0, "Weight of the classification term.")

@@ -20,6 +20,7 @@ from keras import ops
 
 from car_tf.backend import all_gather, checked_labels, read, replica_count
 from car_tf.car import confusion, spectral
+from car_tf.car.sparse_state import checked_sparse_entries
 from car_tf.keras_compat import in_symbolic_build
 from car_tf.losses.cross_entropy import checked_class_counts
 from car_tf.losses.registry import get_base_loss
@@ -52,6 +53,9 @@ class CARLoss(keras.losses.Loss):
             (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity confusion matrices
             included).
         label_classes: for soft labels, how many of each row's heaviest classes it counts toward.
+        sparse_ema_entries: None (default) keeps the dense K x K EMA; a number m keeps only each
+            true class's m largest confusions (``SparseCARState``), for label spaces where one
+            K x K matrix does not fit: an approximation whose error README measures.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class CARLoss(keras.losses.Loss):
         power_iterations=20,
         power_tolerance=spectral.POWER_TOLERANCE,
         label_classes=2,
+        sparse_ema_entries=None,
         name="car_loss",
         **kwargs,
     ):
@@ -115,6 +120,7 @@ class CARLoss(keras.losses.Loss):
         self.power_iterations = int(power_iterations)
         self.power_tolerance = float(power_tolerance)
         self.label_classes = int(label_classes)
+        self.sparse_ema_entries = checked_sparse_entries(sparse_ema_entries, self.num_classes)
         self.weights = np.asarray(
             confusion.frequency_weights(counts, self.r0, self.count_based_weights), np.float32
         )
@@ -203,16 +209,20 @@ class CARLoss(keras.losses.Loss):
         frequency = ops.convert_to_tensor(self.weights)[:, None]
         u, v = read(state.power_u), read(state.power_v)
         decay, weight = ops.cast(decay, "float32"), ops.cast(weight, "float32")
-        batch_av = ops.matmul(ops.transpose(columns), ops.take(frequency * v, ids, axis=0))
-        batch_atu = ops.segment_sum(ops.matmul(columns, u), ids, self.num_classes)  # C_t^T U
-        av = decay * read(state.power_av) + weight * batch_av
-        atu = decay * read(state.power_atu) + weight * frequency * batch_atu
 
         def matvec(x):
             return state.ema_times(frequency * x)
 
         def rmatvec(y):
             return frequency * state.ema_transpose_times(y)
+
+        if state.exact_recurrence:
+            batch_av = ops.matmul(ops.transpose(columns), ops.take(frequency * v, ids, axis=0))
+            batch_atu = ops.segment_sum(ops.matmul(columns, u), ids, self.num_classes)  # C_t^T U
+            av = decay * read(state.power_av) + weight * batch_av
+            atu = decay * read(state.power_atu) + weight * frequency * batch_atu
+        else:  # a sparse EMA's truncation breaks the recurrence; its products are cheap
+            av, atu = matvec(v), rmatvec(u)
 
         passes = self.power_iterations * ops.cast(updating, "int32")
         u, v, av, atu, passes = spectral.power_iteration(
@@ -244,6 +254,7 @@ class CARLoss(keras.losses.Loss):
             power_iterations=self.power_iterations,
             power_tolerance=self.power_tolerance,
             label_classes=self.label_classes,
+            sparse_ema_entries=self.sparse_ema_entries,
         )
         return config
 

@@ -22,6 +22,7 @@ class CARSettings:
     power_iterations: int = 20
     power_tolerance: float = 3e-6
     lambda_warmup_epochs: int = 0
+    spec_sparse_ema_entries: int | None = None  # None: the dense EMA (and no entry in old run records)
 
     def __post_init__(self):
         if self.lambda_warmup_epochs < 0:
@@ -50,6 +51,7 @@ class CARMethod(Method):
             spectral_method=settings.spectral_method,
             power_iterations=settings.power_iterations,
             power_tolerance=settings.power_tolerance,
+            sparse_ema_entries=settings.spec_sparse_ema_entries,
         )
 
     def attach(self, settings, model, loss):

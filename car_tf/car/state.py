@@ -47,8 +47,7 @@ class CARState(keras.layers.Layer):
             )
 
         k = self.num_classes
-        # Cbar[:, j] = ema_decay[j] * ema_columns[j, :] (the column-wise EMA of confusion.py).
-        self.ema_columns = weight("ema_columns", (k, k))
+        self._create_ema_columns(weight)
         self.ema_decay = weight("ema_decay", (k,), "ones", dtype=widest_float())
         self.initialized = weight("initialized", ())
         # Block power iteration on A = Cbar diag(w): bases U, V [K, r] and A V, A^T U, kept current.
@@ -67,6 +66,16 @@ class CARState(keras.layers.Layer):
         self.sigma_count = weight("sigma_count", ())
         self.last_sigma = weight("last_sigma", ())
         self.updating = weight("updating", (), "ones")
+
+    # The EMA's column store: a dense K x K matrix here, each column's largest entries in
+    # SparseCARState. ``exact_recurrence``: the stored EMA follows Cbar_t = decay Cbar_{t-1} +
+    # weight C_t exactly, so products with it can follow the same recurrence between steps.
+    exact_recurrence = True
+    sparse_entries = None
+
+    def _create_ema_columns(self, weight):
+        # Cbar[:, j] = ema_decay[j] * ema_columns[j, :] (the column-wise EMA of confusion.py).
+        self.ema_columns = weight("ema_columns", (self.num_classes, self.num_classes))
 
     def call(self, inputs):
         return inputs
@@ -102,13 +111,14 @@ class CARState(keras.layers.Layer):
         summed = ops.segment_sum(columns, inverse, num_segments=ops.shape(rows)[0])
         # Bring the batch's stored columns up to date and add the batch; their d_j becomes 1.
         factor = ops.where(ops.take(present, rows), ops.take(decayed, rows), 1.0)
-        factor = ops.cast(factor, "float32")
-        stored = _read_rows(self.ema_columns, rows)
-        weight = ops.cast(weight, "float32")
-        new = factor[:, None] * stored + weight * summed
-        # Padding slots repeat the first row: they write its value, so repeated writes agree.
-        _write_rows(self.ema_columns, rows, ops.where(padding[:, None], new[:1], new))
+        added = ops.cast(weight, "float32") * summed
+        self._renew_columns(rows, padding, ops.cast(factor, "float32"), added)
         self.ema_decay.assign(ops.where(present, 1.0, decayed))
+
+    def _renew_columns(self, rows, padding, factor, added):
+        """Stored columns ``rows`` <- factor * stored + added ([R, K]); padding slots left as they are."""
+        new = factor[:, None] * read_rows(self.ema_columns, rows) + added
+        write_rows(self.ema_columns, rows, first_for_padding(new, padding))
 
     def load_own_variables(self, store):
         """Loads the state. One saved before the block power iteration holds single vectors u, v,
@@ -220,10 +230,17 @@ def _distinct(ids):
     return rows, inverse, padding
 
 
+def first_for_padding(new, padding):
+    """``new`` [R, ...] with padding slots, which repeat the first row's id, given its value, so
+    that repeated writes agree."""
+    mask = ops.reshape(padding, (-1,) + (1,) * (len(new.shape) - 1))
+    return ops.where(mask, new[:1], new)
+
+
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense
 # read once it has been updated in place (so that row updates never copy it); an XLA-compiled
 # function reads the variable's buffer directly, so a pass over the matrix copies nothing.
-def _read_rows(variable, rows):
+def read_rows(variable, rows):
     """variable[rows] without reading the whole variable (this replica's copy under a strategy)."""
     if not is_tensorflow():
         return ops.take(variable.value, rows, axis=0)
@@ -233,7 +250,7 @@ def _read_rows(variable, rows):
     return tf.raw_ops.ResourceGather(resource=handle, indices=rows, dtype=variable.dtype)
 
 
-def _write_rows(variable, rows, values):
+def write_rows(variable, rows, values):
     """variable[rows] = values (repeated rows with equal values), in place under TensorFlow.
 
     keras.ops scatters out of place; under JAX the compiled step donates the state, so XLA
@@ -281,14 +298,26 @@ def attach_car_state(model, loss):
             f"the model carries a CAR state for {state.num_classes} classes but the CARLoss has "
             f"{loss.num_classes} class counts; build the loss with the model's class counts."
         )
+    if state is not None and state.sparse_entries != loss.sparse_ema_entries:
+        raise ValueError(
+            f"the model carries a CAR state with {_ema_kind(state.sparse_entries)} but the CARLoss "
+            f"asks for {_ema_kind(loss.sparse_ema_entries)}; build the loss with "
+            f"sparse_ema_entries={state.sparse_entries}."
+        )
     if state is None:
+        from car_tf.car.sparse_state import SparseCARState
+
+        if loss.sparse_ema_entries is None:
+            cls, sizes = CARState, (loss.num_classes,)
+        else:
+            cls, sizes = SparseCARState, (loss.num_classes, loss.sparse_ema_entries)
         # Under JAX the global keras.distribution (if any) places the new variables.
         scope = model.distribute_strategy.scope() if is_tensorflow() else contextlib.nullcontext()
         with scope:
-            state = CARState(loss.num_classes, spec_lambda=loss.spec_lambda, name=ATTRIBUTE)
+            state = cls(*sizes, spec_lambda=loss.spec_lambda, name=ATTRIBUTE)
         fix = (
             f"create the state in the model's __init__: self.{ATTRIBUTE} = "
-            f"car_tf.CARState({loss.num_classes}, spec_lambda={loss.spec_lambda})."
+            f"car_tf.{cls.__name__}({', '.join(map(str, sizes))}, spec_lambda={loss.spec_lambda})."
         )
         try:
             setattr(model, ATTRIBUTE, state)
@@ -306,3 +335,9 @@ def attach_car_state(model, loss):
             )
     loss.state = state
     return state
+
+
+def _ema_kind(sparse_entries):
+    if sparse_entries is None:
+        return "a dense EMA"
+    return f"a sparse EMA of {sparse_entries} entries per class"

@@ -76,18 +76,22 @@ def first_steps(out):
     batches = [(rng.normal(size=(7, 3)).astype("float32"), rng.integers(0, len(COUNTS), size=7))
                for _ in range(2)]
     results = {"w0": w0.tolist(), "batches": [(x.tolist(), y.tolist()) for x, y in batches]}
-    for method, ema_init in (("svd", "zeros"), ("power", "zeros"), ("svd", "first_batch")):
+    variants = (("svd", "zeros", None), ("power", "zeros", None), ("svd", "first_batch", None),
+                ("power", "zeros", len(COUNTS)), ("power", "zeros", 2))  # sparse EMAs, exact and cut
+    for method, ema_init, entries in variants:
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(len(COUNTS), use_bias=False)])
         model.set_weights([w0])
         loss = car_tf.CARLoss(COUNTS, spec_lambda=0.5, beta=0.6, ema_init=ema_init, spectral_method=method,
-                              power_iterations=400, power_tolerance=1e-9)
+                              power_iterations=400, power_tolerance=1e-9, sparse_ema_entries=entries)
         car_tf.attach_car_state(model, loss)
         model.compile(keras.optimizers.SGD(1.0), loss=loss)
         steps = []
         for x, y in batches:
+            logits = keras.ops.convert_to_numpy(model(x)).tolist()
             value = model.train_on_batch(x, y)
-            steps.append({"loss": float(value), "w": model.get_weights()[0].tolist()})
-        results[f"{method}_{ema_init}"] = steps
+            steps.append({"loss": float(value), "w": model.get_weights()[0].tolist(), "logits": logits,
+                          "ema": keras.ops.convert_to_numpy(model.car_state.ema_matrix()).tolist()})
+        results[f"{method}_{ema_init}" + (f"_sparse{entries}" if entries else "")] = steps
     pathlib.Path(out).write_text(json.dumps(results))
 
 

@@ -17,7 +17,8 @@ import pytest
 
 import car_tf
 import car_tf.models  # noqa: F401  (registers the layers a saved model names)
-from car.test_math import np_batch_confusion, np_frequency_weights, np_softmax, numeric_gradient
+from car.test_math import (np_batch_confusion, np_frequency_weights, np_softmax, np_sparse_ema,
+                           numeric_gradient)
 from backend_env import OFF_TENSORFLOW
 
 RUNS = pathlib.Path(__file__).with_name("backend_runs.py")
@@ -73,11 +74,19 @@ def car_reference(results, lam=0.5, beta=0.6, first_batch=False):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_first_car_steps_match_numpy(backend, tmp_path):
     results = run_under(backend, "first_steps", tmp_path / "steps.json")
-    for name in ("svd_zeros", "power_zeros", "svd_first_batch"):
+    for name in ("svd_zeros", "power_zeros", "svd_first_batch", "power_zeros_sparse4"):
         reference = car_reference(results, first_batch=name.endswith("first_batch"))
         for step, ((value, weights), got) in enumerate(zip(reference, results[name])):
             assert got["loss"] == pytest.approx(value, rel=1e-5), (name, step)
             np.testing.assert_allclose(got["w"], weights, rtol=1e-5, atol=2e-5, err_msg=f"{name} step {step}")
+    # A sparse EMA of 2 entries per class follows the truncated recurrence from the logits it saw.
+    batches = []
+    for (_, labels), step in zip(results["batches"], results["power_zeros_sparse2"]):
+        c = np_batch_confusion(np.array(step["logits"]), np.array(labels))
+        batches.append((c, np.bincount(labels, minlength=c.shape[0]) > 0))
+        want = np_sparse_ema(batches, 0.6, "zeros", 2)
+        np.testing.assert_allclose(step["ema"], want, rtol=1e-5, atol=1e-8)
+        assert ((np.array(step["ema"]) != 0).sum(axis=0) <= 2).all()
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,23 @@ def np_ema(batches, beta, ema_init):
     return ema
 
 
+def np_sparse_ema(batches, beta, ema_init, entries):
+    """The dense recurrence, with each renewed column cut to its ``entries`` largest values."""
+    ema = None
+    for c, present in batches:
+        if ema is None:
+            new = c if ema_init == "first_batch" else (1 - beta) * c
+            ema = np.zeros_like(c)
+        else:
+            new = beta * ema + (1 - beta) * c
+        ema = beta * ema
+        for j in np.flatnonzero(present):
+            column = new[:, j].copy()
+            column[np.argsort(column)[:-entries]] = 0.0
+            ema[:, j] = column
+    return ema
+
+
 @pytest.mark.parametrize("beta", [0.9, 0.5, 0.0])
 @pytest.mark.parametrize("ema_init", ["first_batch", "zeros"])
 def test_column_wise_ema_matches_the_dense_recurrence(beta, ema_init):
