@@ -70,6 +70,7 @@ def routed_classifier():
 ROWS = {
     "CARLoss": (lambda: car_tf.CARLoss(COUNTS, base="logit_adjusted", spec_lambda=0.5), None, False),
     "CARState": (lambda: CARState(3, spec_lambda=0.2), (array(2, 3),), False),
+    "SparseCARState": (lambda: car_tf.SparseCARState(3, 2, spec_lambda=0.2), (array(2, 3),), False),
     "CARFunctional": (car_functional, (array(2, 8, 8, 3, low=0, high=255),), False),
     "CARSequential": (car_sequential, (array(2, 4),), False),
     "ConCutMixModel": (concutmix_model, (array(2, 8, 8, 3, low=0, high=255),), False),

@@ -229,9 +229,10 @@ def test_one_and_two_replicas_agree():
     assert_results_close(run_under_strategies(run), atol=1e-5)
 
 
-def test_two_replicas_with_power_iteration_agree():
+@pytest.mark.parametrize("sparse_ema_entries", [None, 2])
+def test_two_replicas_with_power_iteration_agree(sparse_ema_entries):
     def run(strategy):
-        model, _ = train(1, strategy, spectral_method="power")
+        model, _ = train(1, strategy, spectral_method="power", sparse_ema_entries=sparse_ema_entries)
         return [model.car_state.ema_matrix().numpy(), model.car_state.power_v.numpy()]
 
     assert_results_close(run_under_strategies(run), atol=1e-5)
@@ -251,36 +252,40 @@ class _Kill(keras.callbacks.Callback):
             raise KeyboardInterrupt("killed")
 
 
-@pytest.mark.parametrize("spectral_method", ["svd", "power"])
-def test_an_xla_compiled_step_trains_as_the_plain_one(spectral_method):
+@pytest.mark.parametrize("spectral_method, sparse_ema_entries", [("svd", None), ("power", None), ("power", 2)])
+def test_an_xla_compiled_step_trains_as_the_plain_one(spectral_method, sparse_ema_entries):
     """jit_compile=True (Keras's default on a GPU) compiles CAR's step: same weights and EMA."""
+    options = dict(spectral_method=spectral_method, sparse_ema_entries=sparse_ema_entries)
     keras.utils.set_random_seed(0)
-    plain, _ = train(2, spectral_method=spectral_method)
+    plain, _ = train(2, **options)
     keras.utils.set_random_seed(0)
-    compiled, _ = train(2, spectral_method=spectral_method, jit_compile=True)
+    compiled, _ = train(2, jit_compile=True, **options)
     for got, want in zip(compiled.weights, plain.weights):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(compiled.car_state.ema_matrix().numpy(),
                                plain.car_state.ema_matrix().numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_killed_run_resumes_with_its_ema(tmp_path):
-    reference, _ = train(4)
+@pytest.mark.parametrize("sparse_ema_entries", [None, 2])
+def test_killed_run_resumes_with_its_ema(tmp_path, sparse_ema_entries):
+    reference, _ = train(4, sparse_ema_entries=sparse_ema_entries)
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     with pytest.raises(KeyboardInterrupt):
-        train(4, extra_callbacks=[backup, _Kill(epoch=2, batch=1)])
-    resumed, history = train(4, extra_callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+        train(4, extra_callbacks=[backup, _Kill(epoch=2, batch=1)], sparse_ema_entries=sparse_ema_entries)
+    resumed, history = train(4, extra_callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))],
+                             sparse_ema_entries=sparse_ema_entries)
     assert len(history.history["loss"]) == 2  # epochs 2 and 3 only
     np.testing.assert_allclose(resumed.car_state.ema_matrix().numpy(), reference.car_state.ema_matrix().numpy(), atol=1e-6)
     for got, want in zip(resumed.weights, reference.weights, strict=True):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
 
 
-def test_validation_leaves_the_ema_alone():
+@pytest.mark.parametrize("sparse_ema_entries", [None, 2])
+def test_validation_leaves_the_ema_alone(sparse_ema_entries):
     x, y = toy_data(seed=1)
-    plain, _ = train(2)
+    plain, _ = train(2, sparse_ema_entries=sparse_ema_entries)
     model = toy_model()
-    loss = car_tf.CARLoss(COUNTS, base=sparse_ce())
+    loss = car_tf.CARLoss(COUNTS, base=sparse_ce(), sparse_ema_entries=sparse_ema_entries)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
     model.fit(*toy_data(), batch_size=16, epochs=2, shuffle=False, verbose=0,
               validation_data=(x, y), callbacks=[car_tf.CARCallback()])

@@ -47,6 +47,7 @@ def finished_run(tiny_folder, tmp_path_factory):
         (["--epochs=5", "--lr=0.5"], "--lr 0.05 -> 0.5"),
         (["--spec_lambda=1.0"], "--spec_lambda 0.3 -> 1.0"),
         (["--noskip_corrupt", "--skip_corrupt"], "--skip_corrupt false -> true"),
+        (["--spec_sparse_ema_entries=2"], "--spec_sparse_ema_entries (unset) -> 2"),
     ],
 )
 def test_rerun_with_other_flags_is_refused_and_changes_nothing(finished_run, tiny_folder, extra, named):

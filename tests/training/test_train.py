@@ -43,6 +43,20 @@ def test_every_shipped_recipe_parses_into_a_configuration(flagfile, monkeypatch,
     assert train_cli.config_from_flags(parse([f"--flagfile={record}"])) == config
 
 
+def test_car_flags_reach_the_loss_and_a_dense_run_records_no_sparse_flag(tmp_path):
+    def car_loss(*extra):
+        config = train_cli.config_from_flags(parse(["--method=car", f"--model_dir={tmp_path}", *extra]))
+        with tf.distribute.get_strategy().scope():
+            loss = trainer.build_loss(config, methods.active_methods(config), "ce", [50, 20, 9, 4])
+        return config, loss
+
+    config, loss = car_loss("--spec_sparse_ema_entries=2", "--power_tolerance=1e-5")
+    assert (loss.sparse_ema_entries, loss.power_tolerance) == (2, 1e-5)
+    assert config.flag_values()["spec_sparse_ema_entries"] == "--spec_sparse_ema_entries=2"
+    config, loss = car_loss()  # runs recorded before the flag existed resume as dense ones
+    assert loss.sparse_ema_entries is None and "spec_sparse_ema_entries" not in config.flag_values()
+
+
 def test_missing_data_path_is_one_clear_sentence(tmp_path):
     config = parse(tiny_args(tmp_path / "nowhere", tmp_path / "run"))
     with pytest.raises((ValueError, FileNotFoundError), match="does not exist"):
