@@ -17,7 +17,6 @@ Prints three markdown tables, all measured in this one run:
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
+
+from benchmarks.linear_head import (  # noqa: E402
+    fitted, linear_head_setup, longtail_counts, peak_rss_mib, seconds_per_step,
+)
 
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds; the table gives their median.")
 flags.DEFINE_integer("steps", 20, "Timed training steps per configuration and round.")
@@ -37,47 +40,8 @@ flags.DEFINE_string("child", None, "Internal: 'ce:K' or 'car:K' measures one pea
 FLAGS = flags.FLAGS
 
 
-def longtail_counts(k, n_max=1000, imbalance=100):
-    import numpy as np
-
-    return np.maximum(np.floor(n_max * imbalance ** (-np.arange(k) / (k - 1))), 1).astype(int)
-
-
-def linear_head_setup(k, rng):
-    """A linear head on 512-d features that carry their long-tailed class, so that the model learns
-    and its confusion moves from step to step as in training (random features and labels give a
-    near-uniform confusion whose top singular vectors hardly change)."""
-    import keras
-    import numpy as np
-
-    counts = longtail_counts(k)
-    y = rng.choice(k, size=FLAGS.batch_size * 40, p=counts / counts.sum()).astype(np.int32)
-    means = rng.normal(size=(k, 512)).astype(np.float32)
-    x = (0.3 * means[y] + rng.normal(size=(len(y), 512))).astype(np.float32)
-    return (lambda: keras.Sequential([keras.Input((512,)), keras.layers.Dense(k)])), x, y
-
-
-def fitted(build, x, y, loss):
-    """A compiled model, its dataset and callbacks, traced and warmed up by 3 steps."""
-    import keras
-    import tensorflow as tf
-
-    import car_tf
-
-    model = build()
-    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, jit_compile=FLAGS.jit_compile)
-    callbacks = [car_tf.CARCallback(loss)] if isinstance(loss, car_tf.CARLoss) else []
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size).repeat()
-    run = dict(epochs=1, verbose=0, callbacks=callbacks)
-    model.fit(data, steps_per_epoch=3, **run)
-    return model, data, run
-
-
-def seconds_per_step(setup):
-    model, data, run = setup
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=FLAGS.steps, **run)
-    return (time.perf_counter() - start) / FLAGS.steps
+def fit(build, x, y, loss):
+    return fitted(build, x, y, loss, FLAGS.batch_size, FLAGS.jit_compile)
 
 
 def step_rows():
@@ -94,19 +58,19 @@ def step_rows():
     y = rng.integers(0, k, size=len(x)).astype(np.int32)
     configs.append(("ResNet-32, 32x32", k, lambda: create_model("resnet32", k), x, y))
     for k in (int(c) for c in FLAGS.classes):
-        configs.append(("linear head, 512-d", k, *linear_head_setup(k, rng)))
+        configs.append(("linear head, 512-d", k, *linear_head_setup(k, rng, FLAGS.batch_size)))
     setups = []
     for name, k, build, x, y in configs:
         counts = longtail_counts(k)
         car = car_tf.CARLoss(counts)
-        setups.append((name, k, car.spectral_method, fitted(build, x, y, get_base_loss("ce", counts)),
-                       fitted(build, x, y, car)))
+        setups.append((name, k, car.spectral_method, fit(build, x, y, get_base_loss("ce", counts)),
+                       fit(build, x, y, car)))
     times = {(name, k): ([], []) for name, k, *_ in setups}
     passes_before = {(name, k): power_passes(car) for name, k, _, _, car in setups}
     for _ in range(FLAGS.rounds):
         for name, k, _, ce, car in setups:
-            times[name, k][0].append(seconds_per_step(ce))
-            times[name, k][1].append(seconds_per_step(car))
+            times[name, k][0].append(seconds_per_step(ce, FLAGS.steps))
+            times[name, k][1].append(seconds_per_step(car, FLAGS.steps))
     rows = []
     for name, k, method, _, car in setups:
         passes = (power_passes(car) - passes_before[name, k]) / (FLAGS.rounds * FLAGS.steps)
@@ -126,12 +90,12 @@ def peak_memory_mib(method, k):
     import car_tf
     from car_tf.losses import get_base_loss
 
-    build, x, y = linear_head_setup(k, np.random.default_rng(0))
+    build, x, y = linear_head_setup(k, np.random.default_rng(0), FLAGS.batch_size)
     counts = longtail_counts(k)
     loss = car_tf.CARLoss(counts) if method == "car" else get_base_loss("ce", counts)
-    model, data, run = fitted(build, x, y, loss)
+    model, data, run = fit(build, x, y, loss)
     model.fit(data, steps_per_epoch=5, **run)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    return peak_rss_mib()
 
 
 def child_memory(method, k):

@@ -53,9 +53,10 @@ class CARLoss(keras.losses.Loss):
             (the default 3e-6 keeps sigma within 1e-4 of an SVD, near-identity confusion matrices
             included).
         label_classes: for soft labels, how many of each row's heaviest classes it counts toward.
-        sparse_ema_entries: None (default) keeps the dense K x K EMA; a number m keeps only each
-            true class's m largest confusions (``SparseCARState``), for label spaces where one
-            K x K matrix does not fit: an approximation whose error README measures.
+        sparse_ema_entries: None (default) keeps the dense K x K EMA; a number m keeps each true
+            class's m largest confusions and the mass of the others (``SparseCARState``), for
+            label spaces where one K x K matrix does not fit: an approximation whose error
+            README measures.
     """
 
     def __init__(

@@ -1,15 +1,17 @@
 """A sparse EMA for label spaces where one dense K x K matrix does not fit (100,000 classes and more).
 
-SparseCARState keeps, for each true class j, only the ``sparse_entries`` (m) largest entries of
-the EMA's column Cbar[:, j], its class's heaviest confusions, as (row, value) pairs with the dense
-state's per-column decay: 2 K x m numbers instead of K x K. A step renews the batch's columns: each
-becomes decay * stored + weight * C_t's column as a dense K-vector, of which the m largest entries
-are kept (O(K x B)); a product with the EMA costs O(K x m x r).
+SparseCARState keeps, for each true class j, the ``sparse_entries`` (m) largest entries of the
+EMA's column Cbar[:, j], its class's heaviest confusions, as (row, value) pairs, and the mass of
+all the others as one number spread evenly over the column's K rows; the dense state's per-column
+decay applies to both. That is 2 K x m + K numbers instead of K x K. A step renews the batch's
+columns: each becomes decay * stored + weight * C_t's column as a dense K-vector, whose m largest
+entries are kept and the rest of whose mass joins the spread (O(K x B)). A product with the EMA
+costs O(K x m x r).
 
-This is an approximation of the dense EMA: each renewal drops the entries below the column's m-th
-largest, so sigma falls below the dense penalty where a class's confusion is spread over many
-classes (an untrained model's is near-uniform) and nears it as confusion concentrates on a few.
-README's "CAR's cost" section measures the error against the dense EMA.
+It approximates the dense EMA: it keeps where each class's confusion goes for its m heaviest
+confusions and only how much of it goes elsewhere. The spread captures the near-uniform
+confusion of an untrained model, and the entries the concentrated confusion of a trained one.
+README's "CAR's cost" section measures sigma and its gradient against the dense EMA.
 """
 
 import keras
@@ -33,7 +35,8 @@ def checked_sparse_entries(entries, num_classes):
 
 @keras.saving.register_keras_serializable(package="car_tf")
 class SparseCARState(CARState):
-    """CARState whose EMA keeps each true class's ``sparse_entries`` largest confusions."""
+    """CARState whose EMA keeps each true class's ``sparse_entries`` largest confusions and the
+    mass of the others, spread evenly (see the module's docstring)."""
 
     exact_recurrence = False
 
@@ -43,38 +46,51 @@ class SparseCARState(CARState):
 
     def _create_ema_columns(self, weight):
         shape = (self.num_classes, self.sparse_entries)
-        # Cbar[ema_rows[j, t], j] = ema_decay[j] * ema_values[j, t]; column j is 0 elsewhere.
+        # Cbar[:, j] = ema_decay[j] * (ema_values[j, t] at rows ema_rows[j, t], t < m, plus
+        # ema_rest[j] / K in every row): the largest entries, and the mass of the dropped ones.
         self.ema_rows = weight("ema_rows", shape, dtype="int32")
         self.ema_values = weight("ema_values", shape)
+        self.ema_rest = weight("ema_rest", (self.num_classes,))
 
-    def _decayed_values(self):
-        return self._column_decay()[:, None] * read(self.ema_values)
+    def _decayed(self):
+        """(values [K, m], spread mass per row [K]) of each column, decay applied."""
+        decay = self._column_decay()
+        return decay[:, None] * read(self.ema_values), decay * read(self.ema_rest) / self.num_classes
 
     def ema_matrix(self):
         k = self.num_classes
+        values, spread = self._decayed()
         columns = ops.repeat(ops.arange(k)[:, None], self.sparse_entries, axis=1)
         where = ops.stack([read(self.ema_rows), columns], axis=-1)
-        return ops.scatter(ops.reshape(where, (-1, 2)), ops.reshape(self._decayed_values(), (-1,)), (k, k))
+        return ops.scatter(ops.reshape(where, (-1, 2)), ops.reshape(values, (-1,)), (k, k)) + spread[None, :]
 
     def ema_times(self, x):
         """Cbar X [K, r]: each stored entry (i, j) adds Cbar[i, j] X[j] to row i."""
-        terms = self._decayed_values()[:, :, None] * x[:, None, :]  # [K, m, r]
+        values, spread = self._decayed()
+        terms = values[:, :, None] * x[:, None, :]  # [K, m, r]
         rows = ops.reshape(read(self.ema_rows), (-1,))
-        return ops.segment_sum(ops.reshape(terms, (-1, x.shape[-1])), rows, self.num_classes)
+        entries = ops.segment_sum(ops.reshape(terms, (-1, x.shape[-1])), rows, self.num_classes)
+        return entries + ops.sum(spread[:, None] * x, axis=0, keepdims=True)
 
     def ema_transpose_times(self, y):
         """Cbar^T Y [K, r]: column j's entries against the rows of Y they sit in."""
+        values, spread = self._decayed()
         gathered = ops.take(y, read(self.ema_rows), axis=0)  # [K, m, r]
-        return ops.einsum("km,kmr->kr", self._decayed_values(), gathered)
+        entries = ops.einsum("km,kmr->kr", values, gathered)
+        return entries + spread[:, None] * ops.sum(y, axis=0, keepdims=True)
 
     def _renew_columns(self, rows, padding, factor, added):
-        """Stored columns ``rows`` <- the m largest entries of factor * stored + added ([R, K])."""
+        """Stored columns ``rows`` <- the m largest entries of factor * stored + added ([R, K]),
+        the mass of the others added to the column's spread mass."""
         stored_rows = read_rows(self.ema_rows, rows)  # [R, m]
         stored = factor[:, None] * read_rows(self.ema_values, rows)
         slots = ops.repeat(ops.arange(ops.shape(rows)[0])[:, None], self.sparse_entries, axis=1)
         where = ops.reshape(ops.stack([slots, stored_rows], axis=-1), (-1, 2))
         dense = added + ops.scatter(where, ops.reshape(stored, (-1,)), ops.shape(added))
         values, kept = ops.top_k(dense, k=self.sparse_entries)
+        dropped = ops.sum(dense, axis=1) - ops.sum(values, axis=1)
+        rest = factor * read_rows(self.ema_rest, rows) + dropped
+        write_rows(self.ema_rest, rows, first_for_padding(rest, padding))
         write_rows(self.ema_values, rows, first_for_padding(values, padding))
         write_rows(self.ema_rows, rows, first_for_padding(ops.cast(kept, "int32"), padding))
 

@@ -145,20 +145,24 @@ def np_ema(batches, beta, ema_init):
 
 
 def np_sparse_ema(batches, beta, ema_init, entries):
-    """The dense recurrence, with each renewed column cut to its ``entries`` largest values."""
-    ema = None
+    """The dense recurrence with each renewed column cut to its ``entries`` largest values; the
+    mass of the others joins the column's spread mass, which sits evenly in all K rows."""
+    kept = rest = None
     for c, present in batches:
-        if ema is None:
-            new = c if ema_init == "first_batch" else (1 - beta) * c
-            ema = np.zeros_like(c)
+        if kept is None:  # Cbar_1 = C_1 (released code), or (1 - beta) C_1 from Cbar_0 = 0 (paper)
+            decay = 0.0 if ema_init == "first_batch" else beta
+            kept, rest = np.zeros_like(c), np.zeros(c.shape[0])
         else:
-            new = beta * ema + (1 - beta) * c
-        ema = beta * ema
+            decay = beta
+        new, renewed_rest = decay * kept + (1 - decay) * c, decay * rest
+        kept, rest = beta * kept, beta * rest  # absent columns only decay
         for j in np.flatnonzero(present):
             column = new[:, j].copy()
-            column[np.argsort(column)[:-entries]] = 0.0
-            ema[:, j] = column
-    return ema
+            dropped = np.argsort(column)[:-entries]
+            rest[j] = renewed_rest[j] + column[dropped].sum()
+            column[dropped] = 0.0
+            kept[:, j] = column
+    return kept + rest[None, :] / kept.shape[0]
 
 
 @pytest.mark.parametrize("beta", [0.9, 0.5, 0.0])

@@ -40,11 +40,10 @@ def test_sparse_ema_matches_the_truncated_recurrence(ema_init):
             batches.append((c / np.maximum(np.bincount(ids, minlength=k), 1)[None, :], present))
         if t in (1, steps - 1):
             want, got = np_sparse_ema(batches, beta, ema_init, entries), state.ema_matrix().numpy()
-            np.testing.assert_array_equal(got != 0, want != 0)
-            kept = want != 0
-            assert (np.abs(got - want)[kept] / want[kept]).max() < 1e-6
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * want.max())
     seen = np.any([present for _, present in batches], axis=0)
-    assert ((want != 0).sum(axis=0)[seen] == entries).all() and not seen.all()
+    assert ((state.ema_values.numpy() != 0).sum(axis=1)[seen] == entries).all() and not seen.all()
+    assert (state.ema_rest.numpy()[seen] > 0).all()
     in_batch = np.mean([present for _, present in batches], axis=0)
     assert np.mean(in_batch < 0.1) > 0.5  # most classes are absent from most batches
 
@@ -63,7 +62,7 @@ def test_sparse_products_match_its_dense_matrix():
     k, rng = 60, np.random.default_rng(9)
     state = sparse_state_after_steps(k, 7, rng)
     dense = state.ema_matrix().numpy().astype(np.float64)
-    assert ((dense != 0).sum(axis=0) == 7).all()
+    assert (state.ema_rest.numpy() > 0).all()
     x, y = (rng.normal(size=(k, 3)).astype(np.float32) for _ in range(2))
     np.testing.assert_allclose(state.ema_times(x).numpy(), dense @ x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state.ema_transpose_times(y).numpy(), dense.T @ y, rtol=1e-5, atol=1e-6)
@@ -97,14 +96,13 @@ def test_as_many_entries_as_classes_train_exactly_as_the_dense_ema():
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_penalty_is_the_spectral_norm_of_its_matrix_and_below_the_dense_one():
+def test_sparse_penalty_is_the_spectral_norm_of_its_matrix_and_near_the_dense_one():
     model, loss, history = linear_fit(COUNTS, 4, epochs=3)
     state = model.car_state
     a = state.ema_matrix().numpy().astype(np.float64) * np_frequency_weights(COUNTS, 0.2)[None, :]
-    assert ((a != 0).sum(axis=0) <= 4).all()
     assert float(state.last_sigma.numpy()) == pytest.approx(np.linalg.norm(a, 2), rel=1e-4)
-    dense_model, _, dense_history = linear_fit(COUNTS, None, epochs=3)
-    assert 0 < history["car_spectral_norm"][-1] < dense_history["car_spectral_norm"][-1]
+    _, _, dense_history = linear_fit(COUNTS, None, epochs=3)
+    np.testing.assert_allclose(history["car_spectral_norm"], dense_history["car_spectral_norm"], rtol=0.05)
     assert history["loss"][-1] < history["loss"][0]
 
 
