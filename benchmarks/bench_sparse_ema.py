@@ -1,7 +1,7 @@
 """CAR's sparse EMA: its penalty against the dense one, and its cost where no dense EMA fits.
 
     python -m benchmarks.bench_sparse_ema [--classes=1000,8142] [--entries=8,32,128] [--steps=600]
-        [--scale_classes=100000] [--scale_entries=32] [--rounds=3]
+        [--scale_classes=8142,100000] [--scale_entries=32] [--rounds=3]
 
 Prints two markdown tables, measured in this one run:
 1. along one training run of a linear head with the dense CAR at each of ``--classes``, the sparse
@@ -9,9 +9,9 @@ Prints two markdown tables, measured in this one run:
    table gives each one's sigma against the dense sigma (relative error at five steps) and
    the cosine between its penalty's gradient with respect to the batch's logits and the dense
    penalty's (the push the model gets; lowest and median over the second half of the run);
-2. at ``--scale_classes`` classes, where the dense EMA alone would take 4 K^2 bytes, seconds per
-   step of CE and of CAR with the sparse EMA (median of interleaved rounds) and each one's peak
-   resident memory in a fresh process.
+2. at each of ``--scale_classes`` (100,000 classes: a dense EMA alone would take 37 GiB), seconds
+   per step of CE and of CAR with the sparse EMA (median of interleaved rounds) and each one's
+   peak resident memory in a fresh process.
 """
 
 import json
@@ -31,12 +31,12 @@ from benchmarks.linear_head import (  # noqa: E402
 flags.DEFINE_list("classes", ["1000", "8142"], "K of the error table (both EMAs must fit).")
 flags.DEFINE_list("entries", ["8", "32", "128"], "Entries per class of the sparse EMAs compared.")
 flags.DEFINE_integer("steps", 600, "Training steps of the error table.")
-flags.DEFINE_integer("scale_classes", 100_000, "K of the cost table (0 skips it).")
+flags.DEFINE_list("scale_classes", ["8142", "100000"], "K of the cost table (empty: no table).")
 flags.DEFINE_integer("scale_entries", 32, "Entries per class of the sparse EMA in the cost table.")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds of the cost table.")
 flags.DEFINE_integer("timed_steps", 10, "Timed steps per configuration and round.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_string("child", None, "Internal: 'ce' or 'car' measures one peak memory.")
+flags.DEFINE_string("child", None, "Internal: 'ce:K' or 'car:K' measures one peak memory.")
 FLAGS = flags.FLAGS
 
 
@@ -86,13 +86,12 @@ def error_rows(k, entries):
     return report, rows
 
 
-def scale_setup(method):
+def scale_setup(method, k):
     import numpy as np
 
     import car_tf
     from car_tf.losses import get_base_loss
 
-    k = FLAGS.scale_classes
     build, x, y = linear_head_setup(k, np.random.default_rng(0), FLAGS.batch_size, batches=8)
     counts = longtail_counts(k)
     if method == "car":
@@ -102,11 +101,10 @@ def scale_setup(method):
     return fitted(build, x, y, loss, FLAGS.batch_size)
 
 
-def child_memory(method):
+def child_memory(method, k):
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_sparse_ema", f"--child={method}",
-         f"--scale_classes={FLAGS.scale_classes}", f"--scale_entries={FLAGS.scale_entries}",
-         f"--batch_size={FLAGS.batch_size}"],
+        [sys.executable, "-m", "benchmarks.bench_sparse_ema", f"--child={method}:{k}",
+         f"--scale_entries={FLAGS.scale_entries}", f"--batch_size={FLAGS.batch_size}"],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,11 +113,13 @@ def child_memory(method):
 def main(argv):
     del argv
     if FLAGS.child:
-        model, data, run = scale_setup(FLAGS.child)
+        method, k = FLAGS.child.split(":")
+        model, data, run = scale_setup(method, int(k))
         model.fit(data, steps_per_epoch=3, **run)
         print(json.dumps(peak_rss_mib()))
         return
-    memory = {method: child_memory(method) for method in ("ce", "car")} if FLAGS.scale_classes else {}
+    scale = [int(k) for k in FLAGS.scale_classes]
+    memory = {(method, k): child_memory(method, k) for k in scale for method in ("ce", "car")}
     import keras  # only now: a child forked from a process holding TensorFlow inherits its peak
     import tensorflow as tf
 
@@ -135,21 +135,21 @@ def main(argv):
             values = " | ".join(f"{e:+.1e}" for e in errors)
             print(f"| {k} | {m} | {values} | {lowest:.3f} | {median:.3f} |")
         print()
-    if not FLAGS.scale_classes:
+    if not scale:
         return
-    setups = {method: scale_setup(method) for method in ("ce", "car")}
-    times = {method: [] for method in setups}
+    setups = {(method, k): scale_setup(method, k) for k in scale for method in ("ce", "car")}
+    times = {key: [] for key in setups}
     for _ in range(FLAGS.rounds):
-        for method, setup in setups.items():
-            times[method].append(seconds_per_step(setup, FLAGS.timed_steps))
-    ce, car = (statistics.median(times[m]) for m in ("ce", "car"))
-    k, m = FLAGS.scale_classes, FLAGS.scale_entries
-    dense_mib = 4 * k * k / 2**20
+        for key, setup in setups.items():
+            times[key].append(seconds_per_step(setup, FLAGS.timed_steps))
     print("| K | entries per class | CE s/step | CAR s/step | CAR / CE | CE peak MiB | CAR peak MiB "
           "| CAR extra MiB | one dense K x K float32 MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {k} | {m} | {ce:.3f} | {car:.3f} | {car / ce:.2f} | {memory['ce']:.0f} | {memory['car']:.0f} "
-          f"| {memory['car'] - memory['ce']:.0f} | {dense_mib:.0f} |")
+    for k in scale:
+        ce, car = (statistics.median(times[method, k]) for method in ("ce", "car"))
+        ce_mib, car_mib = memory["ce", k], memory["car", k]
+        print(f"| {k} | {FLAGS.scale_entries} | {ce:.3f} | {car:.3f} | {car / ce:.2f} | {ce_mib:.0f} "
+              f"| {car_mib:.0f} | {car_mib - ce_mib:.0f} | {4 * k * k / 2**20:.0f} |")
 
 
 if __name__ == "__main__":
