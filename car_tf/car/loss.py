@@ -176,9 +176,9 @@ class CARLoss(keras.losses.Loss):
         updating = ops.cast(read(state.updating), "float32")
         # Evaluation (updating = 0) scores the stored EMA and changes no state.
         decay, weight = confusion.ema_coefficients(self.beta, initialized, updating)
-        state.update_ema(columns, all_ids, decay, weight, updating)
         frequency = ops.convert_to_tensor(self.weights)
         if self.spectral_method == "svd":
+            state.update_ema(columns, all_ids, decay, weight, updating)
             a = state.ema_matrix() * frequency[None, :]
             u, v = spectral.top_singular_vectors_svd(a)
             sigma = spectral.spectral_norm(a, u, v)
@@ -202,28 +202,24 @@ class CARLoss(keras.losses.Loss):
         return ops.stop_gradient(sigma) + linear - ops.stop_gradient(linear)
 
     def _power_step(self, state, columns, ids, decay, weight, updating):
-        """(u, v, sigma) of A = Cbar diag(w) after this step's EMA update, warm-started.
+        """Updates the EMA; (u, v, sigma) of A = Cbar diag(w) after it, warm-started.
 
-        A V and A^T U follow the EMA's recurrence (the batch's columns only), then passes over the
+        A V and A^T U follow the EMA's change (the batch's columns only), then passes over the
         EMA run while sigma has not converged to the tolerance (none during evaluation).
         """
         frequency = ops.convert_to_tensor(self.weights)[:, None]
         u, v = read(state.power_u), read(state.power_v)
-        decay, weight = ops.cast(decay, "float32"), ops.cast(weight, "float32")
+        blocks = (frequency * v, u)
+        change_av, change_atu = state.update_ema(columns, ids, decay, weight, updating, blocks=blocks)
+        decay = ops.cast(decay, "float32")
+        av = decay * read(state.power_av) + change_av
+        atu = decay * read(state.power_atu) + frequency * change_atu
 
         def matvec(x):
             return state.ema_times(frequency * x)
 
         def rmatvec(y):
             return frequency * state.ema_transpose_times(y)
-
-        if state.exact_recurrence:
-            batch_av = ops.matmul(ops.transpose(columns), ops.take(frequency * v, ids, axis=0))
-            batch_atu = ops.segment_sum(ops.matmul(columns, u), ids, self.num_classes)  # C_t^T U
-            av = decay * read(state.power_av) + weight * batch_av
-            atu = decay * read(state.power_atu) + weight * frequency * batch_atu
-        else:  # a sparse EMA's truncation breaks the recurrence; its products are cheap
-            av, atu = matvec(v), rmatvec(u)
 
         passes = self.power_iterations * ops.cast(updating, "int32")
         u, v, av, atu, passes = spectral.power_iteration(

@@ -17,7 +17,7 @@ README's "CAR's cost" section measures sigma and its gradient against the dense 
 import keras
 from keras import ops
 
-from car_tf.backend import read
+from car_tf.backend import read, widest_float
 from car_tf.car.state import CARState, first_for_padding, read_rows, write_rows
 
 
@@ -38,8 +38,6 @@ class SparseCARState(CARState):
     """CARState whose EMA keeps each true class's ``sparse_entries`` largest confusions and the
     mass of the others, spread evenly (see the module's docstring)."""
 
-    exact_recurrence = False
-
     def __init__(self, num_classes, sparse_entries, spec_lambda=0.3, **kwargs):
         self.sparse_entries = checked_sparse_entries(sparse_entries, num_classes)
         super().__init__(num_classes, spec_lambda=spec_lambda, **kwargs)
@@ -52,10 +50,11 @@ class SparseCARState(CARState):
         self.ema_values = weight("ema_values", shape)
         self.ema_rest = weight("ema_rest", (self.num_classes,))
 
-    def _decayed(self):
-        """(values [K, m], spread mass per row [K]) of each column, decay applied."""
-        decay = self._column_decay()
-        return decay[:, None] * read(self.ema_values), decay * read(self.ema_rest) / self.num_classes
+    def _decayed(self, dtype="float32"):
+        """(values [K, m], spread mass per row [K]) of each column, decay applied, as ``dtype``."""
+        decay = ops.cast(ops.convert_to_tensor(self.ema_decay), dtype)
+        values, rest = (ops.cast(read(x), dtype) for x in (self.ema_values, self.ema_rest))
+        return decay[:, None] * values, decay * rest / self.num_classes
 
     def ema_matrix(self):
         k = self.num_classes
@@ -64,24 +63,30 @@ class SparseCARState(CARState):
         where = ops.stack([read(self.ema_rows), columns], axis=-1)
         return ops.scatter(ops.reshape(where, (-1, 2)), ops.reshape(values, (-1,)), (k, k)) + spread[None, :]
 
+    # The products sum up to K terms one after another (a row that many classes confuse with, the
+    # spread), so they run in float64 where the backend has it: in float32 their rounding differs
+    # between Cbar X and Cbar^T Y by more than the power iteration's tolerance at K = 20,000.
     def ema_times(self, x):
         """Cbar X [K, r]: each stored entry (i, j) adds Cbar[i, j] X[j] to row i."""
-        values, spread = self._decayed()
+        values, spread = self._decayed(widest_float())
+        x = ops.cast(x, values.dtype)
         terms = values[:, :, None] * x[:, None, :]  # [K, m, r]
         rows = ops.reshape(read(self.ema_rows), (-1,))
         entries = ops.segment_sum(ops.reshape(terms, (-1, x.shape[-1])), rows, self.num_classes)
-        return entries + ops.sum(spread[:, None] * x, axis=0, keepdims=True)
+        return ops.cast(entries + ops.sum(spread[:, None] * x, axis=0, keepdims=True), "float32")
 
     def ema_transpose_times(self, y):
         """Cbar^T Y [K, r]: column j's entries against the rows of Y they sit in."""
-        values, spread = self._decayed()
+        values, spread = self._decayed(widest_float())
+        y = ops.cast(y, values.dtype)
         gathered = ops.take(y, read(self.ema_rows), axis=0)  # [K, m, r]
         entries = ops.einsum("km,kmr->kr", values, gathered)
-        return entries + spread[:, None] * ops.sum(y, axis=0, keepdims=True)
+        return ops.cast(entries + spread[:, None] * ops.sum(y, axis=0, keepdims=True), "float32")
 
     def _renew_columns(self, rows, padding, factor, added):
         """Stored columns ``rows`` <- the m largest entries of factor * stored + added ([R, K]),
-        the mass of the others added to the column's spread mass."""
+        the mass of the others added to the column's spread mass. Returns the change of those
+        columns: added, less the dropped entries, which are spread instead."""
         stored_rows = read_rows(self.ema_rows, rows)  # [R, m]
         stored = factor[:, None] * read_rows(self.ema_values, rows)
         slots = ops.repeat(ops.arange(ops.shape(rows)[0])[:, None], self.sparse_entries, axis=1)
@@ -90,9 +95,13 @@ class SparseCARState(CARState):
         values, kept = ops.top_k(dense, k=self.sparse_entries)
         dropped = ops.sum(dense, axis=1) - ops.sum(values, axis=1)
         rest = factor * read_rows(self.ema_rest, rows) + dropped
+        kept = ops.cast(kept, "int32")
         write_rows(self.ema_rest, rows, first_for_padding(rest, padding))
         write_rows(self.ema_values, rows, first_for_padding(values, padding))
-        write_rows(self.ema_rows, rows, first_for_padding(ops.cast(kept, "int32"), padding))
+        write_rows(self.ema_rows, rows, first_for_padding(kept, padding))
+        where = ops.reshape(ops.stack([slots, kept], axis=-1), (-1, 2))
+        kept_dense = ops.scatter(where, ops.reshape(values, (-1,)), ops.shape(added))
+        return added - (dense - kept_dense), dropped / self.num_classes
 
     def get_config(self):
         return {**super().get_config(), "sparse_entries": self.sparse_entries}

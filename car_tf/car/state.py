@@ -67,11 +67,7 @@ class CARState(keras.layers.Layer):
         self.last_sigma = weight("last_sigma", ())
         self.updating = weight("updating", (), "ones")
 
-    # The EMA's column store: a dense K x K matrix here, each column's largest entries in
-    # SparseCARState. ``exact_recurrence``: the stored EMA follows Cbar_t = decay Cbar_{t-1} +
-    # weight C_t exactly, so products with it can follow the same recurrence between steps.
-    exact_recurrence = True
-    sparse_entries = None
+    sparse_entries = None  # the EMA's columns are stored dense here, as their largest entries in SparseCARState
 
     def _create_ema_columns(self, weight):
         # Cbar[:, j] = ema_decay[j] * ema_columns[j, :] (the column-wise EMA of confusion.py).
@@ -97,12 +93,14 @@ class CARState(keras.layers.Layer):
         """Cbar^T Y [K, r] of a block Y [K, r], without forming Cbar: one pass over the columns."""
         return self._column_decay()[:, None] * _matrix_products()[1](self.ema_columns.value, y)
 
-    def update_ema(self, columns, ids, decay, weight, updating):
+    def update_ema(self, columns, ids, decay, weight, updating, blocks=None):
         """Cbar <- decay * Cbar + weight * C_t, touching only the batch's columns (O(K * B)).
 
         ``columns`` [B*m, K] are C_t's columns ``ids`` [B*m] (repeats add up), already divided by
         the class mass; ``decay`` and ``weight`` come from confusion.ema_coefficients. With
-        ``updating`` 0 every stored value is written back unchanged.
+        ``updating`` 0 every stored value is written back unchanged. Given ``blocks`` (X, Y) of
+        K x r, returns (D X, D^T Y) of the change D = Cbar_new - decay * Cbar_old, so that products
+        with the EMA can follow it between steps.
         """
         present = ops.segment_sum(ops.ones_like(ids, "float32"), ids, self.num_classes) > 0
         present = ops.logical_and(present, ops.cast(updating, "bool"))
@@ -112,13 +110,20 @@ class CARState(keras.layers.Layer):
         # Bring the batch's stored columns up to date and add the batch; their d_j becomes 1.
         factor = ops.where(ops.take(present, rows), ops.take(decayed, rows), 1.0)
         added = ops.cast(weight, "float32") * summed
-        self._renew_columns(rows, padding, ops.cast(factor, "float32"), added)
+        change = self._renew_columns(rows, padding, ops.cast(factor, "float32"), added)
         self.ema_decay.assign(ops.where(present, 1.0, decayed))
+        if blocks is not None:
+            return _change_products(*change, rows, padding, *blocks, self.num_classes)
 
     def _renew_columns(self, rows, padding, factor, added):
-        """Stored columns ``rows`` <- factor * stored + added ([R, K]); padding slots left as they are."""
+        """Stored columns ``rows`` <- factor * stored + added ([R, K]); padding slots left as they are.
+
+        Returns the change of those columns, (entries [R, K], mass spread over every row [R] or
+        None), padding slots included.
+        """
         new = factor[:, None] * read_rows(self.ema_columns, rows) + added
         write_rows(self.ema_columns, rows, first_for_padding(new, padding))
+        return added, None
 
     def load_own_variables(self, store):
         """Loads the state. One saved before the block power iteration holds single vectors u, v,
@@ -228,6 +233,27 @@ def _distinct(ids):
     padding = ops.arange(size) > slot[-1]
     rows = ops.where(padding, ascending[0], ops.segment_max(ascending, slot, num_segments=size))
     return rows, inverse, padding
+
+
+def _change_products(change, spread, rows, padding, x, y, num_classes):
+    """(D X, D^T Y) [K, r] of a change D that is nonzero in the columns ``rows`` only:
+    D[:, rows[s]] = change[s] + spread[s] in every row, for the slots s that are not padding.
+
+    Computed in float64 where the backend has it: D^T Y's spread term sums K rows of Y.
+    """
+    dtype = widest_float()
+    valid = ops.cast(ops.logical_not(padding), dtype)
+    change = ops.cast(change, dtype) * valid[:, None]
+    x_rows = ops.take(ops.cast(x, dtype), rows, axis=0)  # [R, r]
+    y = ops.cast(y, dtype)
+    dx = ops.matmul(ops.transpose(change), x_rows)
+    dty_rows = ops.matmul(change, y)  # [R, r]
+    if spread is not None:
+        spread = ops.cast(spread, dtype) * valid
+        dx = dx + ops.sum(spread[:, None] * x_rows, axis=0, keepdims=True)
+        dty_rows = dty_rows + spread[:, None] * ops.sum(y, axis=0, keepdims=True)
+    dty = ops.segment_sum(dty_rows * valid[:, None], rows, num_segments=num_classes)
+    return ops.cast(dx, "float32"), ops.cast(dty, "float32")
 
 
 def first_for_padding(new, padding):

@@ -328,12 +328,14 @@ def test_loss_gradient_matches_finite_differences(spectral_method):
     np.testing.assert_allclose(grad, numeric, atol=2e-5)
 
 
-def test_power_state_follows_the_ema_and_agrees_with_svd():
+@pytest.mark.parametrize("sparse_ema_entries", [None, 12])
+def test_power_state_follows_the_ema_and_agrees_with_svd(sparse_ema_entries):
     """Matrix-free power iteration inside CARLoss: A V and A^T U stay exact, sigma matches an SVD."""
     k, rng = 150, np.random.default_rng(8)
     counts = np.maximum(500 * 100.0 ** (-np.arange(k) / (k - 1)), 1).astype(int)
     # A fast-moving EMA (a fifth of the columns renewed each step) needs more than the default cap.
-    loss = car_tf.CARLoss(counts, base="ce", spectral_method="power", power_iterations=200)
+    loss = car_tf.CARLoss(counts, base="ce", spectral_method="power", power_iterations=200,
+                          sparse_ema_entries=sparse_ema_entries)
     attach_car_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(k)]), loss)
     centers = rng.normal(size=(k, k)) * 2  # a model that confuses some classes more than others
     w = np_frequency_weights(counts, 0.2)
