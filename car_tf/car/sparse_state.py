@@ -60,8 +60,8 @@ class SparseCARState(CARState):
         k = self.num_classes
         values, spread = self._decayed()
         columns = ops.repeat(ops.arange(k)[:, None], self.sparse_entries, axis=1)
-        where = ops.stack([read(self.ema_rows), columns], axis=-1)
-        return ops.scatter(ops.reshape(where, (-1, 2)), ops.reshape(values, (-1,)), (k, k)) + spread[None, :]
+        where = ops.reshape(ops.stack([read(self.ema_rows), columns], axis=-1), (-1, 2))
+        return ops.scatter(where, ops.reshape(values, (-1,)), (k, k)) + spread[None, :]
 
     # The products sum up to K terms one after another (a row that many classes confuse with, the
     # spread), so they run in float64 where the backend has it: in float32 their rounding differs

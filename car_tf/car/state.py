@@ -31,6 +31,8 @@ class CARState(keras.layers.Layer):
     validation batches are scored against the EMA without changing it.
     """
 
+    sparse_entries = None  # columns stored dense (SparseCARState: their largest entries)
+
     def __init__(self, num_classes, spec_lambda=0.3, **kwargs):
         super().__init__(trainable=False, **kwargs)
         self.num_classes = int(num_classes)
@@ -66,8 +68,6 @@ class CARState(keras.layers.Layer):
         self.sigma_count = weight("sigma_count", ())
         self.last_sigma = weight("last_sigma", ())
         self.updating = weight("updating", (), "ones")
-
-    sparse_entries = None  # the EMA's columns are stored dense here, as their largest entries in SparseCARState
 
     def _create_ema_columns(self, weight):
         # Cbar[:, j] = ema_decay[j] * ema_columns[j, :] (the column-wise EMA of confusion.py).
