@@ -6,41 +6,18 @@ import pytest
 import tensorflow as tf
 
 import car_tf
-from car_tf.car import confusion
 from car_tf.car.state import attach_car_state
-from test_math import np_frequency_weights, np_sparse_ema
+from test_math import feed_ema, np_frequency_weights, np_sparse_ema
 
 
 @pytest.mark.parametrize("ema_init", ["first_batch", "zeros"])
 def test_sparse_ema_matches_the_truncated_recurrence(ema_init):
     """Hundreds of steps, most classes absent from most batches, evaluation steps interleaved."""
-    k, batch, steps, entries, beta = 40, 8, 400, 6, 0.9
-    rng = np.random.default_rng(5)
-    p = 0.85 ** np.arange(k)
+    k, steps, entries, beta = 40, 400, 6, 0.9
     state = car_tf.SparseCARState(k, entries)
-
-    @tf.function
-    def step(rows, ids, updating):
-        initialized = 1.0 if ema_init == "zeros" else state.initialized
-        scale, _ = confusion.column_scales(ids, tf.ones_like(rows[:, 0]), k)
-        decay, weight = confusion.ema_coefficients(beta, initialized, updating)
-        state.update_ema(rows * scale[:, None], ids, decay, weight, updating)
-        state.initialized.assign(tf.maximum(state.initialized, updating))
-
-    batches = []
-    for t in range(steps):
-        ids = rng.choice(k, size=batch, p=p / p.sum()).astype(np.int32)
-        rows = rng.uniform(size=(batch, k)).astype(np.float32)
-        updating = float(t % 7 != 3)  # every 7th step is an evaluation step
-        step(tf.constant(rows), tf.constant(ids), tf.constant(updating))
-        if updating:
-            c = np.zeros((k, k))
-            np.add.at(c.T, ids, rows.astype(np.float64))
-            present = np.bincount(ids, minlength=k) > 0
-            batches.append((c / np.maximum(np.bincount(ids, minlength=k), 1)[None, :], present))
-        if t in (1, steps - 1):
-            want, got = np_sparse_ema(batches, beta, ema_init, entries), state.ema_matrix().numpy()
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * want.max())
+    for batches in feed_ema(state, beta, ema_init, steps, 0.85 ** np.arange(k)):
+        want, got = np_sparse_ema(batches, beta, ema_init, entries), state.ema_matrix().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * want.max())
     seen = np.any([present for _, present in batches], axis=0)
     assert ((state.ema_values.numpy() != 0).sum(axis=1)[seen] == entries).all() and not seen.all()
     assert (state.ema_rest.numpy()[seen] > 0).all()
