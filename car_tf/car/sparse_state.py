@@ -52,16 +52,14 @@ class SparseCARState(CARState):
 
     def _decayed(self, dtype="float32"):
         """(values [K, m], spread mass per row [K]) of each column, decay applied, as ``dtype``."""
-        decay = ops.cast(ops.convert_to_tensor(self.ema_decay), dtype)
+        decay = self._column_decay(dtype)
         values, rest = (ops.cast(read(x), dtype) for x in (self.ema_values, self.ema_rest))
         return decay[:, None] * values, decay * rest / self.num_classes
 
     def ema_matrix(self):
-        k = self.num_classes
         values, spread = self._decayed()
-        columns = ops.repeat(ops.arange(k)[:, None], self.sparse_entries, axis=1)
-        where = ops.reshape(ops.stack([read(self.ema_rows), columns], axis=-1), (-1, 2))
-        return ops.scatter(where, ops.reshape(values, (-1,)), (k, k)) + spread[None, :]
+        columns = _scattered(read(self.ema_rows), values, self.num_classes)  # [K columns, K rows]
+        return ops.transpose(columns) + spread[None, :]
 
     # The products sum up to K terms one after another (a row that many classes confuse with, the
     # spread), so they run in float64 where the backend has it: in float32 their rounding differs
@@ -87,11 +85,9 @@ class SparseCARState(CARState):
         """Stored columns ``rows`` <- the m largest entries of factor * stored + added ([R, K]),
         the mass of the others added to the column's spread mass. Returns the change of those
         columns: added, less the dropped entries, which are spread instead."""
-        stored_rows = read_rows(self.ema_rows, rows)  # [R, m]
+        width = self.num_classes
         stored = factor[:, None] * read_rows(self.ema_values, rows)
-        slots = ops.repeat(ops.arange(ops.shape(rows)[0])[:, None], self.sparse_entries, axis=1)
-        where = ops.reshape(ops.stack([slots, stored_rows], axis=-1), (-1, 2))
-        dense = added + ops.scatter(where, ops.reshape(stored, (-1,)), ops.shape(added))
+        dense = added + _scattered(read_rows(self.ema_rows, rows), stored, width)
         values, kept = ops.top_k(dense, k=self.sparse_entries)
         dropped = ops.sum(dense, axis=1) - ops.sum(values, axis=1)
         rest = factor * read_rows(self.ema_rest, rows) + dropped
@@ -99,9 +95,14 @@ class SparseCARState(CARState):
         write_rows(self.ema_rest, rows, first_for_padding(rest, padding))
         write_rows(self.ema_values, rows, first_for_padding(values, padding))
         write_rows(self.ema_rows, rows, first_for_padding(kept, padding))
-        where = ops.reshape(ops.stack([slots, kept], axis=-1), (-1, 2))
-        kept_dense = ops.scatter(where, ops.reshape(values, (-1,)), ops.shape(added))
-        return added - (dense - kept_dense), dropped / self.num_classes
+        return added - (dense - _scattered(kept, values, width)), dropped / width
 
     def get_config(self):
         return {**super().get_config(), "sparse_entries": self.sparse_entries}
+
+
+def _scattered(indices, values, width):
+    """Rows [R, width] holding ``values`` [R, m] at the columns ``indices`` [R, m], 0 elsewhere."""
+    slots = ops.repeat(ops.arange(ops.shape(indices)[0])[:, None], ops.shape(indices)[1], axis=1)
+    where = ops.reshape(ops.stack([slots, indices], axis=-1), (-1, 2))
+    return ops.scatter(where, ops.reshape(values, (-1,)), (ops.shape(indices)[0], width))

@@ -80,9 +80,9 @@ class CARState(keras.layers.Layer):
         """The EMA confusion Cbar [K, K] as a dense tensor (rows predicted, columns true class)."""
         return ops.transpose(self._column_decay()[:, None] * ops.convert_to_tensor(self.ema_columns))
 
-    def _column_decay(self):
-        """d_j of every column as float32 (stored in float64 where the backend has it)."""
-        return ops.cast(ops.convert_to_tensor(self.ema_decay), "float32")
+    def _column_decay(self, dtype="float32"):
+        """d_j of every column as ``dtype`` (stored in float64 where the backend has it)."""
+        return ops.cast(ops.convert_to_tensor(self.ema_decay), dtype)
 
     def ema_times(self, x):
         """Cbar X [K, r] of a block X [K, r], without forming Cbar: one pass over the stored columns."""
