@@ -6,7 +6,8 @@
 Writes report.json, per_class.csv, accuracy_vs_count.png, reliability.png and (K <= 100)
 confusion.png into --output_dir (default: MODEL/eval for a run directory, else next to the file),
 and prints a compact table. --on_train adds the train split (train_*.csv/png) and the worst-class
-train vs test gap to report.json.
+train vs test gap to report.json. The many / medium / few groups are those of the run
+(--many_threshold / --few_threshold recorded in its run.json) unless the flags are given.
 """
 
 import json
@@ -15,6 +16,7 @@ import pathlib
 from absl import flags, logging
 
 from car_tf.data.loading import load_datasets
+from car_tf.data.longtail import check_group_thresholds
 from car_tf.evaluation.evaluate import default_output_dir, evaluate
 from car_tf.evaluation.predictors import find_run_info, load_predictor
 from car_tf.evaluation.report import format_table
@@ -39,11 +41,27 @@ def parse_train_counts(value):
     return counts
 
 
-def main(argv):
-    del argv
+GROUP_FLAGS = ("many_threshold", "few_threshold")
+
+
+def group_thresholds(flag_values, run_info):
+    """{"many_threshold", "few_threshold"}: a flag given on the command line, else the run's value
+    from its run.json (so the groups are those the run reported), else the flag's default."""
+    thresholds = {}
+    for name in GROUP_FLAGS:
+        if flag_values[name].present or run_info.get(name) is None:
+            thresholds[name] = int(flag_values[name].value)
+        else:
+            thresholds[name] = int(run_info[name])
+    check_group_thresholds(**thresholds)
+    return thresholds
+
+
+def evaluate_from_flags(flag_values=flags.FLAGS):
+    """Evaluates the model the flags name and writes its report; returns (report, output_dir)."""
     from car_tf.data.pipelines import eval_dataset
 
-    FLAGS = flags.FLAGS
+    FLAGS = flag_values
     predictor = load_predictor(FLAGS.model)
     run_info = find_run_info(FLAGS.model) or {}
     if not FLAGS["image_size"].present and predictor.image_size is not None:
@@ -61,6 +79,7 @@ def main(argv):
     def dataset(data):
         return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
 
+    thresholds = group_thresholds(FLAGS, run_info)
     output_dir = pathlib.Path(FLAGS.output_dir or default_output_dir(FLAGS.model))
     report = evaluate(
         predictor,
@@ -71,7 +90,14 @@ def main(argv):
         train_dataset=dataset(train) if FLAGS.on_train else None,
         progress=True,
         skipped_test=test.skipped,
+        **thresholds,
     )
+    return report, output_dir
+
+
+def main(argv):
+    del argv
+    report, output_dir = evaluate_from_flags(flags.FLAGS)
     print(format_table(report))
     if "train" in report:
         print(f"train worst-class {100 * report['train']['worst_class_accuracy']:.2f}  "
@@ -79,18 +105,20 @@ def main(argv):
     print(f"wrote {output_dir}")
 
 
-def define_flags():
+def define_flags(flag_values=flags.FLAGS):
     from car_tf.data import flags as data_flags
 
     flags.DEFINE_string("model", None, "Run directory, .keras file, SavedModel directory or .onnx file.",
-                        required=True)
+                        required=True, flag_values=flag_values)
     flags.DEFINE_string("train_counts", None,
                         "Training images per class as a JSON list or a JSON file; default run.json's, "
-                        "else counted from the training split.")
-    flags.DEFINE_bool("on_train", False, "Also evaluate the training split and report the worst-class gap.")
-    flags.DEFINE_string("output_dir", None, "Where to write the report; default MODEL/eval.")
-    flags.DEFINE_integer("batch_size", 128, "Evaluation batch size.")
-    data_flags.define_data_flags()
+                        "else counted from the training split.", flag_values=flag_values)
+    flags.DEFINE_bool("on_train", False, "Also evaluate the training split and report the worst-class gap.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("output_dir", None, "Where to write the report; default MODEL/eval.", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 128, "Evaluation batch size.", flag_values=flag_values)
+    data_flags.define_data_flags(flag_values)
+    data_flags.define_group_flags(flag_values)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ report (report.json, per_class.csv, plots).
 from absl import flags
 
 from car_tf import cli
-from car_tf.data.flags import define_data_flags
+from car_tf.data.flags import define_data_flags, define_group_flags
 from car_tf.losses.registry import ALIASES, BASE_LOSSES
 from car_tf.training import config as run_config
 from car_tf.training import distribute, methods, schedules, trainer
 
 define_data_flags()
+define_group_flags()  # --many_threshold, --few_threshold: the per-class report's groups
 # Run.
 flags.DEFINE_string("model_dir", None, "Run directory: flags, checkpoints, logs, final model and report.")
 flags.DEFINE_bool("overwrite", False, "Delete an existing run in --model_dir and start over.")

@@ -63,3 +63,23 @@ def define_data_flags(flag_values=flags.FLAGS):
         "Leave unreadable images out (training: with a count; test: listed in report.json) "
         "instead of stopping before training.",
     )
+
+
+def define_group_flags(flag_values=flags.FLAGS):
+    """Defines --many_threshold and --few_threshold, the many / medium / few groups of the per-class
+    report (train and evaluate); calling it again is a no-op."""
+    if "many_threshold" not in flag_values:
+        flags.DEFINE_integer(
+            "many_threshold", longtail.MANY_ABOVE,
+            "A class with more than this many training images is in the 'many' group of the per-class "
+            "report (many / medium / few accuracy and worst class).",
+            lower_bound=0, flag_values=flag_values,
+        )
+    if "few_threshold" not in flag_values:
+        flags.DEFINE_integer(
+            "few_threshold", longtail.FEW_BELOW,
+            "A class with fewer than this many training images is in the 'few' group; the rest, up to "
+            "--many_threshold, are 'medium'. python -m car_tf.evaluate takes both from the run's run.json "
+            "unless given.",
+            lower_bound=0, flag_values=flag_values,
+        )

@@ -88,9 +88,21 @@ def stratified_split(labels, fraction, seed=0):
     return fit, validation
 
 
-def class_groups(counts):
-    """"many" (> 100 training images), "medium" (20..100) or "few" (< 20) for each class."""
+def check_group_thresholds(many_threshold, few_threshold):
+    """Raises a ValueError unless 0 <= few_threshold <= many_threshold."""
+    if not 0 <= few_threshold <= many_threshold:
+        raise ValueError(
+            f"--few_threshold={few_threshold} and --many_threshold={many_threshold} must satisfy "
+            "0 <= few_threshold <= many_threshold (a class with more than many_threshold training "
+            f"images is many, one with fewer than few_threshold few; defaults {MANY_ABOVE} and {FEW_BELOW})."
+        )
+
+
+def class_groups(counts, *, many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW):
+    """"many" (> many_threshold training images), "medium" (few_threshold..many_threshold) or
+    "few" (< few_threshold) for each class; the defaults 100 and 20 are the usual ImageNet-LT split."""
+    check_group_thresholds(many_threshold, few_threshold)
     counts = np.asarray(counts)
     return np.where(
-        counts > MANY_ABOVE, GROUPS[0], np.where(counts >= FEW_BELOW, GROUPS[1], GROUPS[2])
+        counts > many_threshold, GROUPS[0], np.where(counts >= few_threshold, GROUPS[1], GROUPS[2])
     )

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 
 from car_tf import backend
-
+from car_tf.data.longtail import FEW_BELOW, GROUPS, MANY_ABOVE, check_group_thresholds
 from car_tf.evaluation import report as report_writers
 from car_tf.evaluation.metrics import confusion_matrix, per_class_report
 from car_tf.evaluation.predictors import KerasPredictor, predict_dataset
@@ -22,6 +22,9 @@ LOGGED_METRICS = (
     "few",
     "worst_class_accuracy",
     "worst_10pct_mean",
+    "harmonic_mean_recall",
+    "geometric_mean_recall",
+    "macro_f1",
     "weighted_spectral_norm",
     "ece",
 )
@@ -32,6 +35,17 @@ WORST_CONFUSION_ROWS = 30
 TENSORBOARD_RUN = "per_class"
 CONFUSION_TAG = "confusion_matrix"
 ACCURACY_TAG = "accuracy_vs_train_count"
+
+
+def logged_values(report):
+    """{name: value} of a report that goes into Keras ``logs`` (without the "val_" prefix): the
+    LOGGED_METRICS, and "<group>_worst_accuracy", the recall of each group's worst class; None
+    values (empty groups) are left out."""
+    values = {name: report[name] for name in LOGGED_METRICS}
+    for group in GROUPS:
+        worst = report["group_worst"][group]
+        values[f"{group}_worst_accuracy"] = None if worst is None else worst["accuracy"]
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def confusion_rows(report):
@@ -45,8 +59,10 @@ def confusion_rows(report):
 class PerClassEvaluation(keras.callbacks.Callback):
     """Evaluates per-class metrics on ``dataset`` after each epoch.
 
-    Adds "val_top1", "val_many", "val_medium", "val_few", "val_worst_class_accuracy", ... to ``logs``
-    (so History, TensorBoard and ModelCheckpoint see them) and, with ``log_dir``, writes the full
+    Adds "val_top1", "val_many", "val_medium", "val_few", "val_worst_class_accuracy",
+    "val_harmonic_mean_recall", "val_geometric_mean_recall", "val_macro_f1",
+    "val_few_worst_accuracy", ... (``logged_values``) to ``logs`` (so History, TensorBoard and
+    ModelCheckpoint see them) and, with ``log_dir``, writes the full
     report to ``log_dir/metrics/epoch_NNN.json`` (NNN counts epochs from 1) and, under the
     TensorFlow backend, two TensorBoard images per epoch to ``log_dir/tb/per_class`` (step = epoch
     from 0, as Keras's scalars):
@@ -60,12 +76,17 @@ class PerClassEvaluation(keras.callbacks.Callback):
       train_counts: training images per class (many/medium/few groups, frequency weights).
       log_dir: run directory; None writes nothing to disk.
       class_names: optional names of the classes for the JSON report.
+      many_threshold, few_threshold: a class is "many" with more than ``many_threshold`` training
+        images, "few" with fewer than ``few_threshold`` (defaults 100 and 20).
     """
 
-    def __init__(self, dataset, train_counts, log_dir=None, class_names=None):
+    def __init__(self, dataset, train_counts, log_dir=None, class_names=None, *,
+                 many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW):
         super().__init__()
+        check_group_thresholds(many_threshold, few_threshold)  # before the first epoch, not after it
         self.dataset = dataset
         self.train_counts = [int(c) for c in train_counts]
+        self.thresholds = {"many_threshold": many_threshold, "few_threshold": few_threshold}
         self.log_dir = pathlib.Path(log_dir) if log_dir is not None else None
         self.class_names = list(class_names) if class_names is not None else None
         self.last_report = None
@@ -78,12 +99,10 @@ class PerClassEvaluation(keras.callbacks.Callback):
             self._predictor = KerasPredictor(self.model)
             self._predictor_source = self.model
         scores, labels = predict_dataset(self._predictor, self.dataset)
-        report = per_class_report(scores, labels, self.train_counts, self.class_names)
+        report = per_class_report(scores, labels, self.train_counts, self.class_names, **self.thresholds)
         self.last_report = report
         if logs is not None:
-            for name in LOGGED_METRICS:
-                if report[name] is not None:
-                    logs[f"val_{name}"] = report[name]
+            logs.update({f"val_{name}": value for name, value in logged_values(report).items()})
         if self.log_dir is not None:
             metrics_dir = self.log_dir / "metrics"
             metrics_dir.mkdir(parents=True, exist_ok=True)

@@ -7,31 +7,39 @@ and export").
 
 import pathlib
 
+from car_tf.data.longtail import FEW_BELOW, MANY_ABOVE
 from car_tf.evaluation.metrics import confusion_matrix, per_class_report
 from car_tf.evaluation.predictors import predict_dataset
 from car_tf.evaluation.report import write_report
 
-HEADLINE = ("top1", "top5", "many", "medium", "few", "worst_class_accuracy", "worst_class", "worst_10pct_mean")
+HEADLINE = ("top1", "top5", "many", "medium", "few", "worst_class_accuracy", "worst_class", "worst_10pct_mean",
+            "harmonic_mean_recall", "geometric_mean_recall", "macro_f1", "group_worst")
 
 
-def evaluate_split(predictor, dataset, train_counts, class_names, progress=False):
-    """(report dict, confusion counts) of ``predictor`` on a dataset of (images, labels)."""
+def evaluate_split(predictor, dataset, train_counts, class_names, progress=False, *,
+                   many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW):
+    """(report dict, confusion counts) of ``predictor`` on a dataset of (images, labels); the
+    thresholds set the many / few groups (car_tf.evaluation.metrics.per_class_report)."""
     scores, labels = predict_dataset(predictor, dataset, progress=progress)
     if scores.shape[1] != len(train_counts):
         raise ValueError(
             f"the model predicts {scores.shape[1]} classes but the data has {len(train_counts)}; "
             "evaluate on the data set the model was trained on."
         )
-    report = per_class_report(scores, labels, train_counts, class_names)
+    report = per_class_report(scores, labels, train_counts, class_names,
+                              many_threshold=many_threshold, few_threshold=few_threshold)
     return report, confusion_matrix(scores.argmax(-1), labels, len(train_counts))
 
 
 def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, train_dataset=None,
-             progress=False, skipped_test=()):
+             progress=False, skipped_test=(), *, many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW):
     """Evaluates the test split (and the train split if given), writes every output; returns report.json's dict.
 
     skipped_test: unreadable test files left out of ``test_dataset``, listed in report.json.
+    many_threshold, few_threshold: a class is "many" with more than ``many_threshold`` training
+      images, "few" with fewer than ``few_threshold``; recorded in report.json.
     """
+    thresholds = {"many_threshold": many_threshold, "few_threshold": few_threshold}
     if predictor.num_classes != len(class_names):
         raise ValueError(
             f"the model has {predictor.num_classes} classes but the data has {len(class_names)}; "
@@ -42,10 +50,10 @@ def evaluate(predictor, test_dataset, train_counts, class_names, output_dir, tra
             f"{len(train_counts)} training counts for {len(class_names)} classes; "
             "pass one count per class in --train_counts."
         )
-    report, confusion = evaluate_split(predictor, test_dataset, train_counts, class_names, progress)
+    report, confusion = evaluate_split(predictor, test_dataset, train_counts, class_names, progress, **thresholds)
     if train_dataset is not None:
         train_report, train_confusion = evaluate_split(predictor, train_dataset, train_counts, class_names,
-                                                       progress)
+                                                       progress, **thresholds)
         write_report(train_report, output_dir, train_confusion, prefix="train_")
         report["train"] = {k: train_report[k] for k in HEADLINE}
         report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]

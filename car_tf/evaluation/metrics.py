@@ -4,6 +4,11 @@ Confusion matrices follow CAR's convention: rows are predicted classes i, column
 classes j, so ``C[i, j]`` counts samples of true class j predicted as i and column j sums to the
 number of test samples of class j. Per-class accuracy is the recall ``C[j, j] / sum_i C[i, j]``.
 Classes with no test sample have accuracy NaN and are left out of every mean, minimum and count.
+
+Beyond the mean of the per-class recalls, the long-tail literature reports their harmonic and
+geometric means and the lowest of them ("No One Left Behind: Improving the Worst Categories in
+Long-Tailed Learning", Du and Wu, CVPR 2023), macro-F1, and the many / medium / few groups (more
+than 100, 100 to 20 and fewer than 20 training images by default) with each group's worst class.
 """
 
 import math
@@ -11,7 +16,7 @@ import math
 import numpy as np
 
 from car_tf.car.confusion import frequency_weights
-from car_tf.data.longtail import GROUPS, class_groups
+from car_tf.data.longtail import FEW_BELOW, GROUPS, MANY_ABOVE, class_groups
 
 
 def to_probabilities(scores):
@@ -54,10 +59,90 @@ def _nan_mean(values):
     return float(values.mean()) if values.size else None
 
 
-def group_accuracies(accuracy, train_counts):
-    """Mean per-class accuracy of the many / medium / few groups (None for an empty group)."""
-    groups = class_groups(train_counts)
-    return {name: _nan_mean(accuracy[groups == name]) for name in GROUPS}
+def _valid(accuracy):
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    return accuracy[~np.isnan(accuracy)]
+
+
+def group_accuracies(accuracy, train_counts, *, many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW):
+    """Mean per-class accuracy of the many / medium / few groups (None for an empty group).
+
+    A class is "many" with more than ``many_threshold`` training images and "few" with fewer than
+    ``few_threshold`` (car_tf.data.longtail.class_groups).
+    """
+    groups = class_groups(train_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    return {name: _nan_mean(np.asarray(accuracy)[groups == name]) for name in GROUPS}
+
+
+def group_worst_classes(accuracy, train_counts, *, many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW):
+    """{group: the class id of lowest accuracy in the many / medium / few group}, None for a group
+    with no class that has test samples; ties go to the lowest class id."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    groups = class_groups(train_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    worst = {}
+    for name in GROUPS:
+        members = np.flatnonzero((groups == name) & ~np.isnan(accuracy))
+        worst[name] = int(members[np.argmin(accuracy[members])]) if members.size else None
+    return worst
+
+
+def harmonic_mean_recall(accuracy):
+    """K / sum_j (1 / r_j) over the K classes with test samples; 0 when any r_j is 0.
+
+    The harmonic mean of per-class recall (Du and Wu, CVPR 2023) is dominated by the worst classes:
+    a single class that is never recognised brings it to 0 (``zero_recall_classes`` names them).
+    None when no class has a test sample.
+    """
+    valid = _valid(accuracy)
+    if not valid.size:
+        return None
+    if np.any(valid == 0):
+        return 0.0
+    return float(valid.size / np.sum(1.0 / valid))
+
+
+def geometric_mean_recall(accuracy):
+    """(prod_j r_j)^(1/K) over the K classes with test samples; 0 when any r_j is 0, None when K = 0."""
+    valid = _valid(accuracy)
+    if not valid.size:
+        return None
+    if np.any(valid == 0):
+        return 0.0
+    return float(np.exp(np.mean(np.log(valid))))
+
+
+def zero_recall_classes(accuracy):
+    """Ids of the classes with test samples none of which is recognised (recall exactly 0)."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    return np.flatnonzero(accuracy == 0)  # NaN compares unequal: classes without samples stay out
+
+
+def per_class_precision(confusion):
+    """Precision of every class, ``C[j, j] / sum_i C[j, i]`` (rows are predictions); NaN for a
+    class that is never predicted."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    predicted = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(predicted > 0, np.diag(confusion) / predicted, np.nan)
+
+
+def per_class_f1(confusion):
+    """F1 of every class, 2 P_j R_j / (P_j + R_j) = 2 C[j, j] / (predicted_j + true_j).
+
+    A class with P + R = 0 (never recognised, or never predicted) scores 0; a class with no test
+    sample has F1 NaN and, as everywhere here, stays out of the means.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    predicted, true = confusion.sum(axis=1), confusion.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(true > 0, 2.0 * np.diag(confusion) / (predicted + true), np.nan)
+
+
+def macro_f1(confusion):
+    """Mean over the classes with test samples of their F1 (``per_class_f1``; rows predicted,
+    columns true). Equals ``sklearn.metrics.f1_score(true, predicted, average="macro")`` when every
+    predicted class also has test samples."""
+    return _nan_mean(per_class_f1(confusion))
 
 
 def worst_class_accuracy(accuracy):
@@ -143,8 +228,22 @@ def _none_if_nan(value):
     return None if value is None or math.isnan(value) else float(value)
 
 
+def zero_recall_note(names):
+    """The report's sentence on why the harmonic and geometric means are 0 (``names``: the
+    classes of zero recall), or None when there are none."""
+    if not len(names):
+        return None
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    plural = "classes have" if len(names) > 1 else "class has"
+    return (
+        f"harmonic_mean_recall and geometric_mean_recall are 0 because {len(names)} {plural} "
+        f"zero recall: {shown}."
+    )
+
+
 def per_class_report(
-    probs_or_logits, labels, train_counts, class_names=None, r0=0.2, count_based=False, num_bins=15
+    probs_or_logits, labels, train_counts, class_names=None, r0=0.2, count_based=False, num_bins=15,
+    *, many_threshold=MANY_ABOVE, few_threshold=FEW_BELOW,
 ):
     """All evaluation metrics for one split, as a JSON-serialisable dict.
 
@@ -155,6 +254,14 @@ def per_class_report(
       class_names: optional [K] names; defaults to the class ids as strings.
       r0, count_based: frequency-weight options, as in ``car_tf.car.confusion.frequency_weights``.
       num_bins: confidence bins of the calibration error and reliability diagram.
+      many_threshold, few_threshold: a class is "many" with more than ``many_threshold`` training
+        images, "few" with fewer than ``few_threshold``, else "medium"; both are in the report.
+
+    Beside top-1 and the group means the report holds ``harmonic_mean_recall`` and
+    ``geometric_mean_recall`` (0 when a class has zero recall; ``notes`` then says which),
+    ``macro_f1``, ``worst_class`` / ``worst_class_accuracy`` and ``group_worst``, each group's
+    class of lowest recall ({"class_id", "name", "accuracy", "train_count"}, None for an empty
+    group). Each per-class row adds the class's precision and F1 and whether it is its group's worst.
     """
     scores = np.asarray(probs_or_logits, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -167,8 +274,13 @@ def per_class_report(
     predictions = scores.argmax(axis=-1)
     confusion = confusion_matrix(predictions, labels, num_classes)
     accuracy = per_class_accuracy(confusion)
-    groups = class_groups(train_counts)
+    precision = per_class_precision(confusion)
+    f1 = per_class_f1(confusion)
+    thresholds = {"many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
+    groups = class_groups(train_counts, **thresholds)
     worst = int(np.nanargmin(accuracy))
+    group_worst = group_worst_classes(accuracy, train_counts, **thresholds)
+    zero_recall = [names[j] for j in zero_recall_classes(accuracy)]
     bin_count, bin_confidence, bin_accuracy = reliability_bins(probs, labels, num_bins)
     test_counts = confusion.sum(axis=0)
     return {
@@ -177,11 +289,26 @@ def per_class_report(
         "top1": float(np.mean(predictions == labels)),
         "top5": top_k_accuracy(scores, labels, 5),
         "mean_class_accuracy": _nan_mean(accuracy),
-        **group_accuracies(accuracy, train_counts),
+        **group_accuracies(accuracy, train_counts, **thresholds),
         "group_sizes": {name: int(np.sum(groups == name)) for name in GROUPS},
+        **thresholds,
         "worst_class_accuracy": worst_class_accuracy(accuracy),
         "worst_class": names[worst],
         "worst_10pct_mean": worst_fraction_mean(accuracy, 0.1),
+        "group_worst": {
+            name: None if j is None else {
+                "class_id": j,
+                "name": names[j],
+                "accuracy": float(accuracy[j]),
+                "train_count": int(train_counts[j]),
+            }
+            for name, j in group_worst.items()
+        },
+        "harmonic_mean_recall": harmonic_mean_recall(accuracy),
+        "geometric_mean_recall": geometric_mean_recall(accuracy),
+        "macro_f1": macro_f1(confusion),
+        "zero_recall_classes": zero_recall,
+        "notes": [note] if (note := zero_recall_note(zero_recall)) else [],
         "spectral_norm": confusion_spectral_norm(confusion),
         "weighted_spectral_norm": confusion_spectral_norm(
             confusion, car_weights(train_counts, r0, count_based)
@@ -200,6 +327,9 @@ def per_class_report(
                 "train_count": int(train_counts[j]),
                 "test_count": int(test_counts[j]),
                 "accuracy": _none_if_nan(accuracy[j]),
+                "precision": _none_if_nan(precision[j]),
+                "f1": _none_if_nan(f1[j]),
+                "worst_in_group": group_worst[str(groups[j])] == j,
             }
             for j in range(num_classes)
         ],

@@ -9,7 +9,9 @@ from absl import logging
 
 # Confusion heatmaps are drawn only up to this many classes; beyond it they are unreadable.
 MAX_HEATMAP_CLASSES = 100
-CSV_COLUMNS = ("class_id", "name", "group", "train_count", "test_count", "accuracy")
+CSV_COLUMNS = (
+    "class_id", "name", "group", "train_count", "test_count", "accuracy", "precision", "f1", "worst_in_group",
+)
 
 
 def _pyplot():
@@ -27,12 +29,16 @@ def write_json(report, path):
 
 
 def write_per_class_csv(report, path):
-    """One row per class: id, name, group, train count, test count, accuracy (empty if no test sample)."""
+    """One row per class: id, name, group, train count, test count, accuracy (recall), precision,
+    F1 (each empty where undefined: no test sample, never predicted) and worst_in_group (1 for the
+    class of lowest accuracy in its many / medium / few group, else empty)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="", extrasaction="ignore")
         writer.writeheader()
         for row in report["per_class"]:
-            writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else row["accuracy"]})
+            cells = {k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS}
+            cells["worst_in_group"] = 1 if row.get("worst_in_group") else ""
+            writer.writerow(cells)
 
 
 def accuracy_vs_count_figure(report, title="Per-class accuracy vs training images"):
@@ -144,12 +150,20 @@ def _percent(value):
     return "   -" if value is None else f"{100 * value:5.2f}"
 
 
+def _group_thresholds(report):
+    if "many_threshold" not in report:  # a report written before the thresholds were recorded
+        return ""
+    return f"; many > {report['many_threshold']}, few < {report['few_threshold']} training images"
+
+
 def format_table(report, worst=5):
-    """A compact text summary: headline metrics, then the ``worst`` lowest-accuracy classes."""
+    """A compact text summary: headline metrics, the recall means, macro-F1 and each group's worst
+    class, a note where a class of zero recall makes the means 0, then the ``worst`` lowest-accuracy
+    classes. Reports written before some of these entries existed print without them."""
     sizes = report["group_sizes"]
     lines = [
         f"{report.get('evaluated_on', 'test')} split: samples {report['num_samples']}  classes {report['num_classes']} "
-        f"(many {sizes['many']} / medium {sizes['medium']} / few {sizes['few']})",
+        f"(many {sizes['many']} / medium {sizes['medium']} / few {sizes['few']}{_group_thresholds(report)})",
         f"{'top-1':>10} {'top-5':>7} {'many':>7} {'medium':>7} {'few':>7} {'worst':>7} {'worst10%':>9}",
         f"{_percent(report['top1']):>10} {_percent(report['top5']):>7} {_percent(report['many']):>7} "
         f"{_percent(report['medium']):>7} {_percent(report['few']):>7} "
@@ -157,6 +171,18 @@ def format_table(report, worst=5):
         f"spectral norm {report['spectral_norm']:.4f}  weighted {report['weighted_spectral_norm']:.4f}"
         f"  ECE {report['ece']:.4f}",
     ]
+    if "harmonic_mean_recall" in report:
+        lines.append(
+            f"recall means: harmonic {_percent(report['harmonic_mean_recall']).strip()}  "
+            f"geometric {_percent(report['geometric_mean_recall']).strip()}  "
+            f"macro-F1 {_percent(report['macro_f1']).strip()}"
+        )
+    if "group_worst" in report:
+        lines.append("worst per group: " + " / ".join(
+            f"{group} " + ("-" if row is None else f"{row['name']} {_percent(row['accuracy']).strip()}")
+            for group, row in report["group_worst"].items()
+        ))
+    lines += [f"note: {note}" for note in report.get("notes", ())]
     ranked = worst_classes(report, worst)
     if ranked:
         lines.append("worst classes: " + ", ".join(

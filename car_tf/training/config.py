@@ -8,6 +8,7 @@ configuration holds them under ``methods`` by method name.
 
 import dataclasses
 
+from car_tf.data import longtail
 from car_tf.losses.registry import ALIASES, BASE_LOSSES
 
 
@@ -41,6 +42,9 @@ class DataConfig:
     skip_corrupt: bool = False
     randaugment: bool = False
     validation_fraction: float | None = None
+    # Groups of the per-class report: many > many_threshold training images, few < few_threshold.
+    many_threshold: int = longtail.MANY_ABOVE
+    few_threshold: int = longtail.FEW_BELOW
 
     def __post_init__(self):
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
@@ -48,6 +52,11 @@ class DataConfig:
                 f"--validation_fraction={self.validation_fraction} must lie strictly between 0 and 1 "
                 "(0.2 holds out a fifth of each class); leave it unset to evaluate on the test split."
             )
+        longtail.check_group_thresholds(self.many_threshold, self.few_threshold)
+
+    def group_thresholds(self):
+        """{"many_threshold", "few_threshold"}: the keyword arguments of the per-class report's groups."""
+        return {"many_threshold": self.many_threshold, "few_threshold": self.few_threshold}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -150,6 +150,7 @@ def write_run_files(run_dir, config, base_loss, train, recipe, image_size, class
         "pretrained": config.model.pretrained,
         "keras_backend": keras.backend.backend(),
         "evaluated_on": "validation" if config.data.validation_fraction else "test",
+        **config.data.group_thresholds(),  # the many / medium / few groups, reused by evaluate
         # Inside the model, so evaluation and export apply it too; recorded for the reader.
         "pixel_normalization": {k: normalization[k] for k in ("mean", "std", "scale", "channel_order")},
     }
@@ -270,7 +271,8 @@ def train(config):
     distribute.prepare_for_multi_worker(model, strategy, train_ds)
     callbacks += callbacks_for_loss(loss, epochs)
     callbacks += [c for method, settings in active for c in method.callbacks(settings, test_ds, counts)]
-    evaluation = PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train_data.class_names)
+    evaluation = PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train_data.class_names,
+                                    **config.data.group_thresholds())
     callbacks += [
         evaluation,
         NaNGuard(checkpoint_dir),
@@ -306,13 +308,15 @@ def finish(config, active, classifier, train_data, test_data, test_ds, recipe, i
     counts = train_data.counts()
     predictor = KerasPredictor(serving)
     if report is None:
-        report = per_class_report(*predict_dataset(predictor, test_ds), counts, train_data.class_names)
+        report = per_class_report(*predict_dataset(predictor, test_ds), counts, train_data.class_names,
+                                  **config.data.group_thresholds())
     for method, settings in active:
         report.update(method.report(settings, predictor, test_ds, counts))
     if config.run.eval_on_train:
         batch_size = config.optimizer.batch_size
         train_ds = streams.evaluation_stream(train_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
-        train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train_data.class_names)
+        train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train_data.class_names,
+                                        **config.data.group_thresholds())
         report["train"] = {k: train_report[k] for k in ("top1", "worst_class_accuracy", "many", "medium", "few")}
         report["worst_class_gap"] = train_report["worst_class_accuracy"] - report["worst_class_accuracy"]
     if test_data.skipped:
