@@ -23,6 +23,7 @@ import numpy as np
 from absl import flags
 
 from car_tf import cli
+from car_tf.comparison_figures import write_figures
 from car_tf import train  # noqa: F401  (defines train's flags, so they are checked here too)
 from car_tf.losses.registry import BASE_LOSSES
 
@@ -39,7 +40,11 @@ METHOD_FLAGS = {
 }
 # A CAR variant -> the method it adds CAR to (the paired difference's baseline).
 PAIRED_BASE = {"car": "ce", **{f"car_{b}": b for b in BASE_LOSSES if b != "ce"}}
-OWN_FLAGS = ("methods", "seeds", "output_dir")
+# DLSA (python -m car_tf.dlsa) on a trained method's run: "<method>_dlsa"; CAR's pairs carry over.
+DLSA_SUFFIX = "_dlsa"
+POSTHOC = {f"{m}{DLSA_SUFFIX}": m for m in METHOD_FLAGS if m != "car_concutmix"}
+PAIRED_BASE.update({f"{m}{DLSA_SUFFIX}": f"{b}{DLSA_SUFFIX}" for m, b in list(PAIRED_BASE.items())})
+OWN_FLAGS = ("methods", "seeds", "output_dir", "method_flags")
 
 FLAGS = flags.FLAGS
 
@@ -49,14 +54,30 @@ def define_flags():
     flags.DEFINE_list("methods", ["ce", "car"], f"Methods to compare: {', '.join(METHOD_FLAGS)}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.")
     flags.DEFINE_string("output_dir", None, "Directory of the runs (OUTPUT_DIR/<method>/seed_<s>) and comparison.md.")
+    flags.DEFINE_multi_string(
+        "method_flags", [], "METHOD:--flag=value[,--flag=value...]: train flags of that method alone, e.g. the "
+        "settings car_tf.search chose for it (car:--spec_lambda=1.0); repeat for other methods.")
+
+
+def per_method_flags(items, methods):
+    """{method: [train flags]} from --method_flags items "METHOD:--a=1,--b=2"; ValueError names a bad item."""
+    extra = {}
+    for item in items:
+        method, _, values = item.partition(":")
+        given = [v for v in values.split(",") if v]
+        if method not in methods or not given or not all(v.startswith("--") for v in given):
+            raise ValueError(f"--method_flags={item} must read METHOD:--flag=value[,--flag=value] with METHOD "
+                             f"one of --methods ({', '.join(methods)}).")
+        extra.setdefault(method, []).extend(given)
+    return extra
 
 
 def checked_choice(methods, seeds):
     """(methods, int seeds) after checking them; ValueError names what is wrong."""
-    unknown = [m for m in methods if m not in METHOD_FLAGS]
+    unknown = [m for m in methods if m not in METHOD_FLAGS and m not in POSTHOC]
     if unknown or not methods:
         raise ValueError(f"--methods={','.join(methods)} names no known method {unknown or ''}; "
-                         f"choose from {', '.join(METHOD_FLAGS)}.")
+                         f"choose from {', '.join([*METHOD_FLAGS, *POSTHOC])}.")
     return list(methods), checked_seeds(seeds)
 
 
@@ -105,6 +126,19 @@ def train_run(arguments, run_dir, what):
     return time.time() - start
 
 
+def dlsa_run(base_dir, run_dir, seed, what):
+    """Fits DLSA on a finished run (``python -m car_tf.dlsa``) in a fresh process, unless done."""
+    if (run_dir / "report.json").exists():
+        return 0.0
+    command = [sys.executable, "-m", "car_tf.dlsa", f"--model_dir={base_dir}", f"--output_dir={run_dir}",
+               f"--seed={seed}", "--noprogress"]
+    start = time.time()
+    if subprocess.run(command).returncode:
+        raise ValueError(f"DLSA on {what} stopped (its message is above); fix that and rerun this command, "
+                         "finished runs are kept.")
+    return time.time() - start
+
+
 def run_summary(report):
     """The figures compared, in percent, from a run's report.json."""
     accuracies = sorted(r["accuracy"] for r in report["per_class"] if r["accuracy"] is not None)
@@ -145,6 +179,11 @@ COLUMNS = (("top1", "top-1"), ("many", "many"), ("medium", "medium"), ("few", "f
 PAIRED_COLUMNS = (("top1", "top-1"), ("worst", "worst class"), ("worst3", "3 worst classes"))
 
 
+def paired(methods):
+    """[(CAR variant, its base)] of the pairs both of whose methods are among ``methods``."""
+    return [(m, PAIRED_BASE[m]) for m in methods if PAIRED_BASE.get(m) in methods]
+
+
 def comparison_table(runs, methods, seeds, pairs=None):
     """The markdown tables: per method over its seeds, then each (method, base) of ``pairs``
     (default: every CAR variant and its base among ``methods``) as method minus base."""
@@ -155,7 +194,7 @@ def comparison_table(runs, methods, seeds, pairs=None):
         cells = [spread([s[key] for s in done.values()]) for key, _ in COLUMNS]
         lines.append(f"| {method} | {len(done)}/{len(seeds)} | " + " | ".join(cells) + " |")
     if pairs is None:
-        pairs = [(m, PAIRED_BASE[m]) for m in methods if PAIRED_BASE.get(m) in methods]
+        pairs = paired(methods)
     if pairs:
         lines += ["", "Paired differences, seed by seed (percentage points; positive: CAR is better):", "",
                   "| difference | seeds | " + " | ".join(t for _, t in PAIRED_COLUMNS) + " | worst class per seed |",
@@ -200,8 +239,9 @@ class Runner:
     """Trains runs under OUTPUT_DIR, one at a time, keeping their training wall time (not the time
     to read a finished run back) in OUTPUT_DIR/timings.json, keyed by run directory."""
 
-    def __init__(self, output_dir, arguments):
+    def __init__(self, output_dir, arguments, method_flags=None):
         self.output_dir, self.arguments = output_dir, arguments
+        self.method_flags = method_flags or {}
         self.timings_path = output_dir / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
 
@@ -211,8 +251,21 @@ class Runner:
         print(f"{prefix}{label}, seed {seed}: {run_dir}", flush=True)
         finished = (run_dir / "report.json").exists()
         what = f"{label} with seed {seed}" + (f" ({group})" if group else "")
+        extra = [*extra, *self.method_flags.get(label, [])]
         seconds = train_run([*self.arguments, *extra, f"--seed={seed}"], run_dir, what)
-        if not finished:
+        self._record(run_dir, 0.0 if finished else seconds)
+
+    def dlsa(self, label, seed, prefix=""):
+        """Fits DLSA (``label`` = "<method>_dlsa") on the method's run of seed ``seed``, training that first."""
+        base = POSTHOC[label]
+        self.train(base, seed, METHOD_FLAGS[base], prefix=prefix)
+        run_dir = run_directory(self.output_dir, label, seed)
+        print(f"{prefix}{label}, seed {seed}: {run_dir}", flush=True)
+        seconds = dlsa_run(run_directory(self.output_dir, base, seed), run_dir, seed, f"{base} with seed {seed}")
+        self._record(run_dir, seconds)
+
+    def _record(self, run_dir, seconds):
+        if seconds:
             key = run_dir.relative_to(self.output_dir).as_posix()
             self.timings[key] = self.timings.get(key, 0.0) + seconds
         self.timings_path.write_text(json.dumps(self.timings, indent=1))
@@ -225,11 +278,16 @@ def main(argv):
     del argv
     output_dir = checked_output_dir(FLAGS)
     methods, seeds = checked_choice(FLAGS.methods, FLAGS.seeds)
-    runner = Runner(output_dir, train_arguments(sys.argv[1:]))
+    runner = Runner(output_dir, train_arguments(sys.argv[1:]), per_method_flags(FLAGS.method_flags, methods))
     total = len(methods) * len(seeds)
     for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
-        runner.train(method, seed, METHOD_FLAGS[method], prefix=f"[{index + 1}/{total}] ")
+        prefix = f"[{index + 1}/{total}] "
+        if method in POSTHOC:
+            runner.dlsa(method, seed, prefix=prefix)
+        else:
+            runner.train(method, seed, METHOD_FLAGS[method], prefix=prefix)
         write_comparison(output_dir, methods, seeds, runner.timings)
+    write_figures(output_dir, methods, seeds, finished_runs(output_dir, methods, seeds), paired(methods))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ scored on them; the test split is never read. The best by --select_on is chosen.
 --confirm_seeds, the chosen candidate and --baseline then train on the whole training split and
 are scored on the test split seed by seed, with paired differences, as ``car_tf.compare`` does.
 
-Runs live in OUTPUT_DIR/validation/<candidate>/seed_<s> and OUTPUT_DIR/test/<name>/seed_<s>.
+Runs live in OUTPUT_DIR/validation/<candidate>/seed_<s> and OUTPUT_DIR/test/<name>/seed_<s>;
+OUTPUT_DIR/search.json names the chosen candidate and its train flags.
 Rerunning the command resumes an interrupted run and reads finished ones back; search.md and
 test/comparison.md are written from whatever has finished.
 """
 
+import json
 import sys
 
 import numpy as np
@@ -119,6 +121,8 @@ def main(argv):
     best = chosen(runs, labels, FLAGS.select_on)
     text = search_table(runs, labels, seeds, best, FLAGS.select_on, fraction)
     (output_dir / "search.md").write_text(text)
+    choice = {"chosen": best, "flags": dict(found).get(best), "criterion": FLAGS.select_on}
+    (output_dir / "search.json").write_text(json.dumps(choice, indent=1) + "\n")
     print(text)
     if not confirm_seeds:
         return

@@ -53,6 +53,12 @@ flags.DEFINE_string(
     "keras-hub preset name (resnet_50_imagenet, vit_base_patch16_224_imagenet, ...) or local preset "
     "folder; with --model=keras_resnet50 'imagenet' or keras.applications' weights file.",
 )
+flags.DEFINE_bool(
+    "frozen_backbone", False,
+    "Keep the backbone frozen for the whole run: its features are computed once (cached under "
+    "$CAR_TF_CACHE_DIR/features, reused by later runs on the same weights and data) and only the "
+    "head trains on them, without augmentation. model.keras is still the whole images-to-logits network.",
+)
 flags.DEFINE_integer(
     "freeze_backbone_epochs", 0,
     "Epochs at the start during which the backbone does not move (a linear probe), then full fine-tuning.",

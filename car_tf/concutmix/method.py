@@ -24,6 +24,7 @@ class ConCutMixMethod(Method):
     name = "concutmix"
     settings_class = ConCutMixSettings
     needs_tensorflow = "mixes its batches in a tf.data stage and rectifies labels in a TensorFlow train step"
+    needs_images = "mixes images and projects them through the backbone"
 
     def is_active(self, config, base_loss):
         return config.choice.concutmix or config.choice.method == self.name

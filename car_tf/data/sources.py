@@ -8,6 +8,7 @@ import socket
 import tarfile
 import tempfile
 import urllib.parse
+import zlib
 
 import numpy as np
 from absl import logging
@@ -18,7 +19,6 @@ from car_tf.data import longtail
 DATA_DIR_ENV = "CAR_TF_DATA_DIR"
 CACHE_DIR_ENV = "CAR_TF_CACHE_DIR"
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 CIFAR = ("cifar10", "cifar100")
 # Already long-tailed benchmarks read from split lists: classes and default list file names.
 LIST_BENCHMARKS = {
@@ -85,14 +85,37 @@ class LabeledData:
         )
 
 
+def concatenate(first, second):
+    """The images of ``first`` then those of ``second`` (same classes, both in memory or both files)."""
+    if first.class_names != second.class_names or (first.images is None) != (second.images is None):
+        raise ValueError("only splits of the same classes, both in memory or both files, can be joined.")
+    join = lambda a, b: None if a is None else np.concatenate([a, b])  # noqa: E731
+    return LabeledData(
+        labels=join(first.labels, second.labels),
+        class_names=first.class_names,
+        images=join(first.images, second.images),
+        paths=join(first.paths, second.paths),
+        skipped=(*first.skipped, *second.skipped),
+    )
+
+
 def read_split_list(list_file, image_root, num_classes=None):
     """Reads a ``relative/path label`` list (ImageNet-LT, Places-LT, iNaturalist format).
 
     Blank lines and lines starting with ``#`` are skipped. Paths become absolute under image_root
-    (which need not exist yet). num_classes defaults to the largest label + 1. Class names are the
-    folders holding each class's first image when those are distinct (ImageNet wnids, Places scene
-    names, iNat ids), else the label ids as strings.
+    (which need not exist yet); a path that leaves image_root (absolute, or climbing out with
+    ``..``) is refused. num_classes defaults to the largest label + 1. The labels are the list's
+    own numbers; class names are the folders holding the images (ImageNet wnids, Places scene
+    names) where ``list_class_names`` finds them to name the classes, else the label numbers.
     """
+    rel_paths, labels, line_numbers = _parse_split_list(list_file, image_root)
+    num_classes = _check_label_range(list_file, labels, line_numbers, num_classes)
+    names = list_class_names([(rel_paths, labels)], num_classes)
+    return _list_data(rel_paths, labels, image_root, names)
+
+
+def _parse_split_list(list_file, image_root):
+    """(relative paths, int64 labels, line numbers) of a split list, every line checked."""
     list_file = pathlib.Path(list_file)
     if not list_file.is_file():
         raise FileNotFoundError(f"Split list {list_file} does not exist; check --train_list / --test_list.")
@@ -112,49 +135,108 @@ def read_split_list(list_file, image_root, num_classes=None):
                     f"{list_file}, line {number}: expected 'relative/path label', got {text!r}; "
                     "fix or delete that line."
                 ) from None
-            rel_paths.append(parts[0])
+            path = parts[0]
+            if path.startswith(("/", "\\", "~")) or ".." in path:  # cheap test first: most lines pass it
+                if _leaves_root(path):
+                    raise ValueError(
+                        f"{list_file}, line {number}: path {path!r} leaves --data_dir "
+                        f"({os.path.abspath(image_root)}); list only paths relative to --data_dir, "
+                        "inside it."
+                    )
+            rel_paths.append(path)
             line_numbers.append(number)
     if not labels:
         raise ValueError(f"Split list {list_file} holds no images; point to a non-empty list.")
-    labels = np.asarray(labels, dtype=np.int64)
+    return rel_paths, np.asarray(labels, dtype=np.int64), line_numbers
+
+
+def _leaves_root(path):
+    """True for a list path that is absolute or climbs above the folder it is relative to."""
+    if os.path.isabs(path) or path.startswith(("\\", "~")):
+        return True
+    return os.path.normpath(path).split(os.sep)[0] == ".."
+
+
+def _check_label_range(list_file, labels, line_numbers, num_classes=None, low_only=False):
+    """num_classes (default: the largest label + 1), after refusing the first label outside it."""
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    bad = np.flatnonzero((labels < 0) | ((labels >= num_classes) & (not low_only)))
     if bad.size:
         raise ValueError(
             f"{list_file}, line {line_numbers[bad[0]]}: label {labels[bad[0]]} is outside "
             f"[0, {num_classes}); fix the list or the number of classes."
         )
+    return num_classes
+
+
+def _list_data(rel_paths, labels, image_root, class_names):
     root = os.path.abspath(image_root) + os.sep
     paths = np.char.add(root, np.asarray(rel_paths, dtype=str))
-    return LabeledData(
-        labels=labels, paths=paths, class_names=_names_from_folders(rel_paths, labels, num_classes)
-    )
+    return LabeledData(labels=labels, paths=paths, class_names=class_names)
 
 
-def _names_from_folders(rel_paths, labels, num_classes):
-    present, first = np.unique(labels, return_index=True)
+def list_class_names(lists, num_classes):
+    """Class names for split lists: folder names where the folders are the classes, else numbers.
+
+    lists: (relative paths, labels) of every list the classes appear in (training and test).
+    A label is named after the folder holding its images (the last folder of each path) only
+    when, over all the lists, every image of every label lies in one folder of its label's own,
+    no two labels sharing one (ImageNet-LT's wnids, Places-LT's scene names); otherwise, as for
+    shards ``s0/ s1/ ...`` or one flat folder, every class is named by its label number. The
+    names never change a label: the lists' numbers are the classes.
+    """
+    folder_of, reason = {}, None
+    for rel_paths, labels in lists:
+        for label, folder in set(zip(labels.tolist(), (os.path.basename(os.path.dirname(p)) for p in rel_paths))):
+            if not folder:
+                reason = f"images of label {label} lie in no folder"
+            elif folder_of.setdefault(label, folder) != folder:
+                reason = f"images of label {label} lie in folders {folder_of[label]!r} and {folder!r}"
+            if reason:
+                break
+        if reason:
+            break
+    if reason is None:
+        holders = {}
+        for label, folder in sorted(folder_of.items()):
+            other = holders.setdefault(folder, label)
+            if other != label:
+                reason = f"labels {other} and {label} share folder {folder!r}"
+                break
     names = [str(c) for c in range(num_classes)]
-    folders = [os.path.basename(os.path.dirname(rel_paths[i])) for i in first]
-    if all(folders) and len(set(folders)) == len(folders):
-        for c, folder in zip(present, folders):
-            names[c] = folder
+    if reason is None:
+        for label, folder in folder_of.items():
+            if label < num_classes:
+                names[label] = folder
+    else:
+        logging.info("The split lists' classes are named by their label numbers, not by folders (%s).", reason)
     return names
 
 
 def read_image_folder(root):
-    """Class-per-folder tree: sorted folder names are the label ids, files in file-name order."""
+    """Class-per-folder tree: sorted folder names are the label ids, files in file-name order.
+
+    Every entry of a class folder is listed whatever its name: files in any format, folders,
+    links (``check_images`` then names each one that is not a readable JPEG, PNG, GIF or BMP
+    image). Hidden entries (names starting with ".", such as .DS_Store) are left out, with a count
+    in the log.
+    """
     class_dirs = _class_folders(root)
-    paths, labels = [], []
+    paths, labels, hidden = [], [], []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(
-            e.path for e in os.scandir(class_dir)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        entries = sorted(os.scandir(class_dir), key=lambda e: e.name)
+        hidden += [e.path for e in entries if e.name.startswith(".")]
+        files = [e.path for e in entries if not e.name.startswith(".")]
         paths += files
         labels += [label] * len(files)
+    if hidden:
+        logging.info(
+            "Left out %d hidden file(s) (names starting with '.') in the class folders of %s, the first: %s.",
+            len(hidden), root, hidden[0],
+        )
     if not paths:
-        raise ValueError(f"Image folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise ValueError(f"Image folder {root} holds no files in its class folders; put the images in root/<class>/.")
     return LabeledData(
         labels=labels, paths=[os.path.abspath(p) for p in paths], class_names=[d.name for d in class_dirs]
     )
@@ -335,6 +417,9 @@ def _pil_decode(path):
     from PIL import Image
 
     with Image.open(path) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit gray: the high byte, as TensorFlow
+            gray = np.minimum(np.right_shift(np.asarray(image, dtype=np.uint32), 8), 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
@@ -378,8 +463,7 @@ def unpack_tarball(tarball):
                 staging = tempfile.mkdtemp(prefix=f".{stem}-", dir=target.parent)
             except OSError:
                 continue  # not writable: try the next location
-            with tarfile.open(tarball) as tar:
-                tar.extractall(staging, filter="data")
+            _extract(tarball, staging)
             try:
                 os.rename(staging, target)
             except OSError:  # another process finished first; keep its copy
@@ -395,6 +479,48 @@ def unpack_tarball(tarball):
     )
 
 
+def _extract(tarball, staging):
+    """Unpacks ``tarball`` into ``staging`` with tarfile's "data" filter; a member it refuses (a path
+    outside the folder, an absolute path, a link leading out, a special file) or an unreadable
+    tarball is one sentence naming it, and the staging folder is removed: nothing is left behind."""
+    try:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(staging, filter=_data_filter)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, tarfile.FilterError):
+            member = error.tarinfo.name
+            reason = {
+                tarfile.AbsolutePathError: "has an absolute path",
+                tarfile.OutsideDestinationError: "would be written outside the folder it is unpacked into",
+                tarfile.AbsoluteLinkError: f"is a link to the absolute path {error.tarinfo.linkname!r}",
+                tarfile.LinkOutsideDestinationError:
+                    f"is a link to {error.tarinfo.linkname!r}, outside the folder it is unpacked into",
+                tarfile.SpecialFileError: "is a device, pipe or other special file",
+            }.get(type(error), f"is refused by tarfile's data filter ({error})")
+            raise ValueError(
+                f"Tarball {tarball} holds member {member!r}, which {reason}; nothing was unpacked: "
+                "repack it with plain files and folders only."
+            ) from None
+        if isinstance(error, (tarfile.TarError, EOFError, zlib.error)):
+            raise ValueError(
+                f"Tarball {tarball} cannot be unpacked ({_first_words(error)}); download or pack it again."
+            ) from None
+        raise
+
+
+def _data_filter(member, path):
+    """tarfile's "data" filter, which would unpack an absolute member path under the folder: that
+    is refused too, as no tarball of images needs one."""
+    if member.name.startswith(("/", os.sep)):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, path)
+
+
+def _first_words(error):
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def _load_list(name, split, data_dir, train_list, test_list):
     root = _existing_dir(data_dir, name)
     if name == "list":
@@ -407,25 +533,23 @@ def _load_list(name, split, data_dir, train_list, test_list):
         num_classes, default_train, default_test = LIST_BENCHMARKS[name]
     train_list = pathlib.Path(train_list) if train_list else root / default_train
     test_list = pathlib.Path(test_list) if test_list else root / default_test
-    train = read_split_list(train_list, root, num_classes)
+    train_paths, train_labels, train_lines = _parse_split_list(train_list, root)
+    num_classes = _check_label_range(train_list, train_labels, train_lines, num_classes)
+    lists = [(train_paths, train_labels)]
+    # The test list names the classes too (its folders must agree), so it is read for both splits
+    # where it exists; --validation_fraction can train without one.
+    if split == "test" or test_list.is_file():
+        test_paths, test_labels, test_lines = _parse_split_list(test_list, root)
+        # A benchmark's label range is fixed; a 'list' test label beyond training is named below.
+        _check_label_range(test_list, test_labels, test_lines, num_classes, low_only=name == "list")
+        lists.append((test_paths, test_labels))
+    all_classes = max([num_classes] + [int(labels.max()) + 1 for _, labels in lists])
+    names = list_class_names(lists, all_classes)
     if split == "train":
-        return train
-    test = read_split_list(test_list, root, num_classes)
-    where = f"in {test_list}"
-    if _named_by_folder(train) and _named_by_folder(test):
-        return match_classes(test, train.class_names, where, "folder name")
-    # The names are label ids on one side at least: then the ids are the classes.
-    ids = [str(c) for c in range(max(test.num_classes, train.num_classes))]
-    test = match_classes(
-        LabeledData(labels=test.labels, paths=test.paths, class_names=ids),
-        ids[: train.num_classes], where, "label id",
-    )
-    return LabeledData(labels=test.labels, paths=test.paths, class_names=train.class_names)
-
-
-def _named_by_folder(data):
-    """True when every class with images got its name from its folder rather than its label id."""
-    return all(data.class_names[c] != str(c) for c in np.flatnonzero(data.counts()))
+        return _list_data(train_paths, train_labels, root, names[:num_classes])
+    # The lists' label numbers are the classes: a class in one split only is refused by name.
+    test = _list_data(test_paths, test_labels, root, names[: max(num_classes, int(test_labels.max()) + 1)])
+    return match_classes(test, names[:num_classes], f"in {test_list}", "label id")
 
 
 def check_every_class_present(data, name):
@@ -441,8 +565,15 @@ def check_every_class_present(data, name):
 
 # First bytes of each image format tf.io.decode_image reads, and how a complete file ends.
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP"}
+# Formats that PIL may read but TensorFlow does not: named, so that the user knows to convert them.
+_OTHER_FORMATS = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"8BPS": "Photoshop", b"\x00\x00\x01\x00": "ICO",
+                  b"\xff\x0a": "JPEG XL", b"\x00\x00\x00\x0cJXL": "JPEG XL", b"\x00\x00\x00\x0cjP": "JPEG 2000"}
+_HEAD_BYTES = 512  # signature and, for most files, the image size (JPEG: its frame header)
 _TAIL_BYTES = 32
 _CHECK_THREADS, _CHECK_CHUNK = 8, 2000
+_SKIPPED_NAMED = 10  # skipped files named in the log (all of them are in the result's ``skipped``)
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF markers: they hold the size
+_JPEG_SEGMENTS = 64  # markers walked to find the frame header before giving up
 
 
 def _looks_complete(kind, head, tail, size):
@@ -455,28 +586,89 @@ def _looks_complete(kind, head, tail, size):
     return int.from_bytes(head[2:6], "little") <= size  # BMP: the header states the file size
 
 
-def image_file_problem(path):
+def _other_format(head):
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
+        return "AVIF" if head[8:12].startswith(b"avi") else "HEIF"
+    return next((k for magic, k in _OTHER_FORMATS.items() if head.startswith(magic)), None)
+
+
+def _image_size(kind, fd, head):
+    """(width, height) from the file's header, or None where it cannot be found cheaply."""
+    if kind == "PNG" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if kind == "GIF" and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if kind == "BMP" and len(head) >= 26:
+        if int.from_bytes(head[14:18], "little") == 12:  # OS/2 core header: 16-bit sizes
+            return int.from_bytes(head[18:20], "little"), int.from_bytes(head[20:22], "little")
+        return (abs(int.from_bytes(head[18:22], "little", signed=True)),
+                abs(int.from_bytes(head[22:26], "little", signed=True)))
+    if kind == "JPEG":  # walk the segments to the frame header (beyond the head only after EXIF)
+        position = 2
+        for _ in range(_JPEG_SEGMENTS):
+            block = head[position : position + 9]
+            if len(block) < 9:
+                block = os.pread(fd, 9, position)
+            if len(block) < 4 or block[0] != 0xFF:
+                return None
+            if block[1] == 0xFF:  # fill byte
+                position += 1
+                continue
+            if block[1] == 0x01 or 0xD0 <= block[1] <= 0xD8:  # markers without a length
+                position += 2
+                continue
+            if block[1] in _JPEG_FRAMES:
+                return int.from_bytes(block[7:9], "big"), int.from_bytes(block[5:7], "big")
+            position += 2 + int.from_bytes(block[2:4], "big")
+    return None
+
+
+def _pixel_limit():
+    """PIL's decompression-bomb limit: above it PIL (and so export.serve_onnx) refuses an image."""
+    from PIL import Image
+
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def image_file_problem(path, pixel_limit=None):
     """None for a readable image file, else why not ("does not exist", "is not an image", ...).
 
-    Cheap: reads the first and last bytes only (format signature, end marker, stated size); a file
-    whose end looks wrong is decoded in full (PIL) before it is called truncated.
+    Cheap: reads the first and last bytes only (format signature, image size, end marker, stated
+    size); a file whose end looks wrong is decoded in full (PIL) before it is called truncated.
+    An image of more than pixel_limit pixels (default: PIL's decompression-bomb limit, where
+    PIL refuses to open it) is refused too.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            head, tail = os.pread(fd, 16, 0), os.pread(fd, _TAIL_BYTES, max(size - _TAIL_BYTES, 0))
+            head, tail = os.pread(fd, _HEAD_BYTES, 0), os.pread(fd, _TAIL_BYTES, max(size - _TAIL_BYTES, 0))
+            kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+            dimensions = _image_size(kind, fd, head) if kind else None
         finally:
             os.close(fd)
     except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
         return "does not exist"
     except IsADirectoryError:
-        return "is a folder, not an image file"
+        return ("is a folder, not an image file (images in a folder inside a class folder are not read: "
+                "move them into the class folder)")
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
-    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
     if kind is None:
-        return "is empty" if size == 0 else "is not a JPEG, PNG, GIF or BMP image"
+        if size == 0:
+            return "is empty"
+        other = _other_format(head)
+        if other:
+            return f"is a {other} image, which TensorFlow does not decode (convert it to PNG or JPEG)"
+        return "is not a JPEG, PNG, GIF or BMP image"
+    pixel_limit = _pixel_limit() if pixel_limit is None else pixel_limit
+    if dimensions and pixel_limit and dimensions[0] * dimensions[1] > pixel_limit:
+        return (f"is {dimensions[0]} x {dimensions[1]} pixels, over PIL's decompression-bomb limit of "
+                f"{pixel_limit} pixels (shrink it)")
     if _looks_complete(kind, head, tail, size):
         return None
     from PIL import Image  # the same libjpeg / libpng as TensorFlow's decoders, without their log noise
@@ -500,8 +692,10 @@ def check_images(data, split, skip_corrupt=False):
         return data
     from concurrent.futures import ThreadPoolExecutor
 
+    pixel_limit = _pixel_limit() or 0
+
     def check(paths):
-        return [image_file_problem(path) for path in paths]
+        return [image_file_problem(path, pixel_limit) for path in paths]
 
     # Threads over chunks: a cold disk cache is about 2x faster than one thread (about 3 s per
     # 100,000 files cold, 1.3 s warm, on two shared cores and an SSD).
@@ -518,9 +712,9 @@ def check_images(data, split, skip_corrupt=False):
             f"The {split} image {first}{others}; replace or remove it (or fix its line in the list), "
             "or pass --skip_corrupt to leave unreadable images out."
         )
-    logging.warning(
-        "Skipping %d unreadable %s image(s) (--skip_corrupt), the first: %s.", len(bad), split, first
-    )
-    kept = np.setdiff1d(np.arange(data.size), bad)
     skipped = tuple(f"{data.paths[i]}: {problems[i]}" for i in bad)
+    shown = "; ".join(skipped[:_SKIPPED_NAMED]) + (
+        f"; and {len(bad) - _SKIPPED_NAMED} more" if len(bad) > _SKIPPED_NAMED else "")
+    logging.warning("Skipping %d unreadable %s image(s) (--skip_corrupt): %s.", len(bad), split, shown)
+    kept = np.setdiff1d(np.arange(data.size), bad)
     return dataclasses.replace(data.subset(kept), skipped=data.skipped + skipped)

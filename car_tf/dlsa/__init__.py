@@ -7,7 +7,6 @@ registers its Keras classes, which loading a DLSA model.keras needs.
 
 from car_tf.dlsa.cascade import CascadeStage, Routing, route, routing_statistics, train_cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig, StageClassifier, train_stage_classifier
-from car_tf.dlsa.features import FeatureCache, extract_features, load_feature_cache
 from car_tf.data.longtail import stratified_split
 from car_tf.dlsa.fit import DLSAConfig, DLSAResult, fit_dlsa
 from car_tf.dlsa.flow import FlowBatchNormalization, MADE, MaskedAutoregressiveFlow
@@ -20,7 +19,6 @@ __all__ = [
     "DLSAConfig",
     "DLSARoutedClassifier",
     "DLSAResult",
-    "FeatureCache",
     "FlowBatchNormalization",
     "FlowTrainer",
     "FlowTrainingConfig",
@@ -28,9 +26,7 @@ __all__ = [
     "MaskedAutoregressiveFlow",
     "Routing",
     "StageClassifier",
-    "extract_features",
     "fit_dlsa",
-    "load_feature_cache",
     "route",
     "routing_statistics",
     "stratified_split",

@@ -3,8 +3,8 @@
     python -m car_tf.dlsa --model_dir=runs/x [--output_dir=runs/x/dlsa] [--depth=3 ...]
 
 Reads RUN/run.json and RUN/model.keras, rebuilds the run's training and test data from the data
-flags in RUN/flags.txt (any data flag given here overrides it), extracts and caches the frozen
-features, trains the flow cascade and the stage classifiers and writes a run directory (see
+flags in RUN/flags.txt (any data flag given here overrides it), reads the frozen features from
+the shared feature cache (or extracts and caches them), trains the flow cascade and the stage classifiers and writes a run directory (see
 car_tf/dlsa/run.py) that ``python -m car_tf.evaluate --model=OUTPUT_DIR`` reads like any other.
 """
 
@@ -17,7 +17,6 @@ from car_tf import cli
 cli.refuse_other_backends("car_tf.dlsa")  # before the modules below, which import TensorFlow
 from car_tf.data.flags import define_data_flags  # noqa: E402
 from car_tf.data.loading import load_datasets  # noqa: E402
-from car_tf.data.pipelines import eval_dataset  # noqa: E402
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig  # noqa: E402
 from car_tf.dlsa.fit import DLSAConfig  # noqa: E402
 from car_tf.dlsa.flow_training import FlowTrainingConfig  # noqa: E402
@@ -46,9 +45,7 @@ flags.DEFINE_float("classifier_learning_rate", 0.05, "Peak SGD learning rate of 
 flags.DEFINE_float("classifier_momentum", 0.9, "SGD momentum of the stage classifiers.")
 flags.DEFINE_float("classifier_weight_decay", 5e-4, "Weight decay of the stage classifiers.")
 flags.DEFINE_float("validation_fraction", 0.1, "Stratified share of the training features kept for epoch selection.")
-flags.DEFINE_integer("batch_size", 256, "Batch size of feature extraction.")
 flags.DEFINE_integer("seed", 0, "Seed of the split, the prior means, the weights and the sampling.")
-flags.DEFINE_bool("recompute_features", False, "Extract the features again even if the cache is fresh.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.mark_flag_as_required("model_dir")
 
@@ -121,20 +118,18 @@ def main(argv):
             f"{run_info['num_classes']}; pass the base run's data flags."
         )
     image_size = int(run_info.get("image_size") or image_size)
-    datasets = [
-        eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
-        for data in (train, test)
-    ]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "flags.txt").write_text(FLAGS.flags_into_string())
     report = run_dlsa(
         model_file,
         run_info,
-        *datasets,
+        train,
+        test,
         output_dir,
         config_from_flags(),
+        recipe=recipe,
+        image_size=image_size,
         progress=FLAGS.progress,
-        recompute_features=FLAGS.recompute_features,
     )
     logging.info(
         "DLSA test top-1 %.4f (many %s, medium %s, few %s); run directory %s",

@@ -12,7 +12,9 @@ The output directory holds
                         few group it takes, plus the thresholds and keep fraction
     history.json        per-epoch losses of every flow and classifier, and each classifier's kept epoch
     report.json, per_class.csv, *.png   the per-class test report (car_tf.evaluation.report)
-    features/{train,test}.npz           the feature caches (car_tf.dlsa.features)
+
+The frozen features come from the shared feature cache (car_tf.models.feature_cache), so DLSA
+on a run whose backbone was frozen, or a second DLSA on the same run, extracts nothing.
 """
 
 import dataclasses
@@ -25,9 +27,9 @@ import numpy as np
 import car_tf.models  # noqa: F401  (registers the backbones' layers before loading a model)
 from car_tf.evaluation import metrics, report
 from car_tf.dlsa import cascade
-from car_tf.dlsa.features import extract_features
 from car_tf.dlsa.fit import fit_dlsa
 from car_tf.evaluation.predictors import inference_model
+from car_tf.models.feature_cache import cached_features
 from car_tf.models.registry import features_model
 
 
@@ -41,25 +43,16 @@ def image_to_logits_model(base_model, routed):
     return keras.Model(extractor.inputs, routed(extractor.outputs[0]), name="dlsa_model")
 
 
-def run_dlsa(
-    base_model_path,
-    run_info,
-    train_dataset,
-    test_dataset,
-    output_dir,
-    config,
-    progress=True,
-    recompute_features=False,
-):
-    """Extracts features, fits DLSA, writes the output run directory; returns the test report.
+def run_dlsa(base_model_path, run_info, train, test, output_dir, config, *, recipe, image_size, progress=True):
+    """Reads or extracts the features, fits DLSA, writes the output run directory; returns the test report.
 
     Args:
         base_model_path: the base run's model.keras.
         run_info: the base run's run.json as a dict (num_classes, class_names, train_counts, ...).
-        train_dataset, test_dataset: (images, int labels) batches without augmentation, e.g.
-            car_tf.data.pipelines.eval_dataset over the training and the test split.
+        train, test: the training and test splits (car_tf.data.sources.LabeledData).
         output_dir: where the run directory is written.
         config: ``car_tf.dlsa.fit.DLSAConfig``.
+        recipe, image_size: the base run's, for the unaugmented evaluation stream.
     """
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -68,15 +61,9 @@ def run_dlsa(
     num_classes = int(run_info["num_classes"])
     class_names = list(run_info.get("class_names") or [str(c) for c in range(num_classes)])
     train_counts = np.asarray(run_info["train_counts"], np.int64)
-    cache = output_dir / "features"
-    if recompute_features:
-        for stale in cache.glob("*.npz"):
-            stale.unlink()
-    common = dict(class_names=class_names, source_model=str(base_model_path), progress=progress)
-    train_x, train_y = extract_features(
-        base, train_dataset, cache / "train.npz", split="train", **common
-    )
-    test_x, test_y = extract_features(base, test_dataset, cache / "test.npz", split="test", **common)
+    common = dict(recipe=recipe, image_size=image_size, progress=progress)
+    train_x, train_y = cached_features(base, train, split="train", **common)
+    test_x, test_y = cached_features(base, test, split="test", **common)
 
     result = fit_dlsa(train_x, train_y, num_classes, config, progress=progress)
     test_stage = np.asarray(result.model.route(test_x))

@@ -88,15 +88,19 @@ class KerasPredictor:
         from car_tf.backend import compiled_inference
 
         self.model = inference_model(model)
-        height, width = self.model.input_shape[1:3]
+        shape = self.model.input_shape
+        # A head trained on cached backbone features (README, "The pretrained track") takes [B, D].
+        self.takes_features = len(shape) == 2
+        height, width = (None, None) if self.takes_features else shape[1:3]
         self.image_size = (height, width) if height and width else None
         self.num_classes = int(self.model.output_shape[-1])
         self.class_names = list(class_names) if class_names is not None else None
         self._call = compiled_inference(self.model)
 
     def predict(self, images):
-        images = _check_images(images, self.image_size)
-        return self._call(images.astype(np.float32)).astype(np.float32)
+        if not self.takes_features:
+            images = _check_images(images, self.image_size)
+        return self._call(np.asarray(images, np.float32)).astype(np.float32)
 
 
 class SavedModelPredictor:

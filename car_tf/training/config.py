@@ -68,6 +68,7 @@ class ModelConfig:
     cosine_scale: float = 30.0
     patch_size: int = 0
     pretrained: str | None = None
+    frozen_backbone: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,7 +98,26 @@ class OptimizerConfig:
                 "--warmup_epochs, --freeze_backbone_epochs and --backbone_lr_multiplier must not be "
                 "negative."
             )
-        object.__setattr__(self, "lr_decay_epochs", tuple(int(e) for e in self.lr_decay_epochs))
+        # A wrong sign trains the wrong way (gradient ascent, weights pushed up) and still exits 0.
+        if not self.lr > 0:
+            raise ValueError(f"--lr={self.lr} must be above 0 (0.1 for SGD at batch 128, 1e-3 for AdamW).")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum={self.momentum} must lie in [0, 1) (0.9 is usual; 0 turns it off).")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight_decay={self.weight_decay} must not be negative (0 turns it off).")
+        if not self.lr_decay_factor > 0:
+            raise ValueError(
+                f"--lr_decay_factor={self.lr_decay_factor} must be above 0 (0.1 divides the rate by 10 at "
+                "each of --lr_decay_epochs)."
+            )
+        try:
+            epochs = tuple(int(e) for e in self.lr_decay_epochs)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"--lr_decay_epochs={','.join(str(e) for e in self.lr_decay_epochs)} must be whole epoch "
+                "numbers separated by commas, e.g. --lr_decay_epochs=160,180."
+            ) from None
+        object.__setattr__(self, "lr_decay_epochs", epochs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ class Method:
     name = ""
     settings_class = None
     needs_tensorflow = ""  # why the method trains only under the TensorFlow backend ("": it runs on any)
+    needs_images = ""  # why the method cannot train a head on cached features ("": it can)
 
     def is_active(self, config, base_loss):
         """Whether the run uses this method, given its choice and its effective base loss."""

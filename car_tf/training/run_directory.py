@@ -93,10 +93,15 @@ def is_run_directory(run_dir):
     return (run_dir / FLAGS_FILE).is_file() or (run_dir / RUN_FILE).is_file()
 
 
-def differing_flags(stored, current):
-    """Names of the experiment's flags whose value differs between two {name: serialized} dicts."""
+def differing_flags(stored, current, defaults=None):
+    """Names of the experiment's flags whose value differs between two {name: serialized} dicts.
+
+    A flag missing from one side reads as its value in ``defaults``, so a record written before a
+    flag existed matches a command that leaves that flag at its default.
+    """
+    defaults = defaults or {}
     names = (set(stored) | set(current)) - EXECUTION_FLAGS
-    return sorted(n for n in names if stored.get(n) != current.get(n))
+    return sorted(n for n in names if stored.get(n, defaults.get(n)) != current.get(n, defaults.get(n)))
 
 
 def _describe(name, stored, current):

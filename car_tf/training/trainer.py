@@ -6,17 +6,19 @@ directory is the run's record (car_tf.training.run_directory): the configuration
 it before anything is written.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
 from absl import logging
 
 from car_tf import backend
-from car_tf.data import recipes, streams
+from car_tf.data import feature_streams, recipes, sources, streams
 from car_tf.data.loading import load_datasets
 from car_tf.evaluation.callback import PerClassEvaluation
 from car_tf.evaluation.metrics import per_class_report
@@ -24,7 +26,9 @@ from car_tf.evaluation.predictors import KerasPredictor, predict_dataset
 from car_tf.evaluation.report import format_table, write_report
 from car_tf.losses.registry import callbacks_for_loss, drw_start_epoch, get_base_loss, required_head
 from car_tf.models import create_model
+from car_tf.models.feature_cache import cached_features, head_model
 from car_tf.training import checkpointing, distribute, methods, optimizers, run_directory, schedules
+from car_tf.training import config as run_config
 from car_tf.training.callbacks import NaNGuard
 
 
@@ -68,12 +72,13 @@ def classifier_head(config, active, base_loss):
     return required_head(base_loss) or (config.model.head, config.model.cosine_scale)
 
 
-def build_classifier(config, active, base_loss, num_classes, image_size):
+def build_network(config, active, base_loss, num_classes, image_size):
+    """The image -> logits network the run deploys, with the head the methods need."""
     head, scale = classifier_head(config, active, base_loss)
     if head != config.model.head:
         logging.info("This method needs a %s classifier (scale %s): using it.", head, scale)
     options = {"patch_size": config.model.patch_size} if config.model.patch_size else {}
-    classifier = create_model(
+    return create_model(
         config.model.model,
         num_classes,
         input_shape=(image_size, image_size, 3),
@@ -82,9 +87,51 @@ def build_classifier(config, active, base_loss, num_classes, image_size):
         weights=config.model.pretrained,
         **options,
     )
+
+
+def build_classifier(config, active, network):
+    """What the optimizer trains: the network, or with --frozen_backbone its head on cached
+    features (sharing the network's head layers), wrapped by the active methods."""
+    classifier = head_model(network) if config.model.frozen_backbone else network
     for method, settings in active:
         classifier = method.wrap_classifier(settings, classifier)
     return classifier
+
+
+@dataclasses.dataclass
+class Streams:
+    """The run's input streams: images, or with --frozen_backbone the backbone's cached features."""
+
+    train: object
+    test: object
+    train_eval: Callable  # () -> the training split in order, for --eval_on_train
+
+
+def build_streams(config, network, train_data, test_data, *, hook, **stream):
+    """The training and evaluation streams of the run (see ``Streams``)."""
+    batch_size, recipe, image_size = stream["batch_size"], stream["recipe"], stream["image_size"]
+    if not config.model.frozen_backbone:
+        def train_eval():
+            return streams.evaluation_stream(train_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+
+        return Streams(
+            train=streams.training_stream(train_data, **stream, batch_hook=hook),
+            test=streams.evaluation_stream(test_data, recipe=recipe, image_size=image_size, batch_size=batch_size),
+            train_eval=train_eval,
+        )
+    if config.data.validation_fraction:  # both parts of the training split, extracted together
+        both = sources.concatenate(train_data, test_data)
+        x, y = cached_features(network, both, recipe=recipe, image_size=image_size, split="train+validation")
+        (train_x, test_x), (train_y, test_y) = np.split(x, [train_data.size]), np.split(y, [train_data.size])
+    else:
+        train_x, train_y = cached_features(network, train_data, recipe=recipe, image_size=image_size, split="train")
+        test_x, test_y = cached_features(network, test_data, recipe=recipe, image_size=image_size, split="test")
+    return Streams(
+        train=feature_streams.training_stream(train_x, train_y, batch_size=batch_size, seed=stream["seed"],
+                                              start_epoch=stream["start_epoch"], epochs=stream["epochs"]),
+        test=feature_streams.EvaluationBatches(test_x, test_y, batch_size),
+        train_eval=lambda: feature_streams.EvaluationBatches(train_x, train_y, batch_size),
+    )
 
 
 def build_loss(config, active, base_loss, counts):
@@ -179,6 +226,25 @@ def trim_logs_to(write_dir, epochs_done):
             record.unlink()
 
 
+def check_frozen_backbone(config, active):
+    """Refuses, before anything is written, what a head trained on cached features cannot do."""
+    if not config.model.frozen_backbone:
+        return
+    opt = config.optimizer
+    clashing = [f"--{name}" for name, on in [
+        ("randaugment", config.data.randaugment),
+        ("freeze_backbone_epochs", opt.freeze_backbone_epochs),
+        ("backbone_lr_multiplier", opt.backbone_lr_multiplier != 1.0),
+    ] if on]
+    if clashing:
+        raise ValueError(f"--frozen_backbone trains the head on features computed once from unaugmented images, "
+                         f"so {', '.join(clashing)} would have no effect; drop them, or drop --frozen_backbone.")
+    for method, _ in active:
+        if method.needs_images:
+            raise ValueError(f"{method.name} {method.needs_images}, so it cannot train on cached features; "
+                             "drop --frozen_backbone.")
+
+
 def train(config):
     """Runs (or resumes) the training ``config`` (a TrainConfig) describes; returns the test report."""
     run = config.run
@@ -191,13 +257,15 @@ def train(config):
             raise ValueError(f"{method.name} {method.needs_tensorflow}, so it cannot train under KERAS_BACKEND="
                              f"{keras.backend.backend()}; unset KERAS_BACKEND to use TensorFlow.")
     streams.check_options(config.data.randaugment)
+    check_frozen_backbone(config, active)
     if run.overwrite and chief:
         run_directory.start_over(run_dir)
     current = config.flag_values()
     stored = run_directory.read_flagfile(run_dir)
     differing = []
     if stored is not None:  # refuse a different experiment before loading any data
-        differing = run_directory.differing_flags(stored, current)
+        defaults = run_config.TrainConfig(run=run_config.RunConfig(model_dir=run.model_dir)).flag_values()
+        differing = run_directory.differing_flags(stored, current, defaults)
         if set(differing) - {"epochs"}:
             raise run_directory.conflict(run_dir, stored, current, differing)
     strategy = distribute.make_strategy(run.strategy)  # first: collectives need a fresh runtime
@@ -230,7 +298,8 @@ def train(config):
             return report
 
     with strategy.scope():
-        classifier = build_classifier(config, active, base_loss, train_data.num_classes, image_size)
+        network = build_network(config, active, base_loss, train_data.num_classes, image_size)
+        classifier = build_classifier(config, active, network)
         loss = build_loss(config, active, base_loss, counts)
         model = classifier
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
@@ -247,7 +316,7 @@ def train(config):
         callbacks = [c for method, settings in active for c in method.attach(settings, model, loss)]
         model.optimizer.build(model.trainable_variables)
     if chief and (stored is None or differing):
-        write_run_files(run_dir, config, base_loss, train_data, recipe, image_size, classifier, extended_from)
+        write_run_files(run_dir, config, base_loss, train_data, recipe, image_size, network, extended_from)
     initial_epoch = checkpointing.restore(model, checkpoint_dir)
     if initial_epoch:
         logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)
@@ -266,8 +335,8 @@ def train(config):
     hooks = [h for method, settings in active if (h := method.batch_hook(settings, train_data, stream))]
     if len(hooks) > 1:
         raise ValueError("only one of the run's methods may change the training batches; drop one of them.")
-    train_ds = streams.training_stream(train_data, **stream, batch_hook=hooks[0] if hooks else None)
-    test_ds = streams.evaluation_stream(test_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+    run_streams = build_streams(config, network, train_data, test_data, hook=hooks[0] if hooks else None, **stream)
+    train_ds, test_ds = run_streams.train, run_streams.test
     distribute.prepare_for_multi_worker(model, strategy, train_ds)
     callbacks += callbacks_for_loss(loss, epochs)
     callbacks += [c for method, settings in active for c in method.callbacks(settings, test_ds, counts)]
@@ -294,27 +363,31 @@ def train(config):
         )
     logging.info("Training took %.1f s.", time.time() - start)
     # The last epoch's evaluation already scored the final weights; a resumed, finished run has none.
-    return finish(config, active, classifier, train_data, test_data, test_ds, recipe, image_size, write_dir,
+    return finish(config, active, network, classifier, train_data, test_data, run_streams, write_dir,
                   evaluation.last_report)
 
 
-def finish(config, active, classifier, train_data, test_data, test_ds, recipe, image_size, write_dir, report=None):
-    """Saves the plain classifier and writes the final per-class report (computed if not given).
+def finish(config, active, network, classifier, train_data, test_data, run_streams, write_dir, report=None):
+    """Saves the deployable model (images -> logits) as model.keras and writes the final per-class
+    report (computed if not given) of what the run trained, ``classifier``, on its streams.
 
     Unreadable test files that --skip_corrupt left out are listed in report.json.
     """
-    serving = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)
+    trained = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)  # no training wrapper
+    serving = trained
+    if config.model.frozen_backbone:  # the backbone under the trained head: images -> logits
+        serving = keras.Model(network.inputs, trained(network.get_layer("features").output), name=network.name)
     serving.save(str(write_dir / "model.keras"))
     counts = train_data.counts()
-    predictor = KerasPredictor(serving)
+    predictor = KerasPredictor(trained)
+    test_ds = run_streams.test
     if report is None:
         report = per_class_report(*predict_dataset(predictor, test_ds), counts, train_data.class_names,
                                   **config.data.group_thresholds())
     for method, settings in active:
         report.update(method.report(settings, predictor, test_ds, counts))
     if config.run.eval_on_train:
-        batch_size = config.optimizer.batch_size
-        train_ds = streams.evaluation_stream(train_data, recipe=recipe, image_size=image_size, batch_size=batch_size)
+        train_ds = run_streams.train_eval()
         train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train_data.class_names,
                                         **config.data.group_thresholds())
         report["train"] = {k: train_report[k] for k in ("top1", "worst_class_accuracy", "many", "medium", "few")}

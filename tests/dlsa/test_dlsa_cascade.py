@@ -13,7 +13,6 @@ import tensorflow as tf
 
 from car_tf.dlsa import cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig
-from car_tf.dlsa.features import extract_features, load_feature_cache
 from car_tf.dlsa.fit import DLSAConfig, fit_dlsa
 from car_tf.dlsa.flow_training import FlowTrainingConfig
 from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
@@ -166,31 +165,6 @@ def _tiny_model(num_classes=3):
     return keras.Model(inputs, keras.layers.Dense(num_classes, name="classifier")(x))
 
 
-def test_extract_features_caches_to_disk(tmp_path):
-    rng = np.random.default_rng(2)
-    images = rng.uniform(0, 255, size=(10, 8, 8, 3)).astype("float32")
-    labels = np.arange(10) % 3
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
-    model = _tiny_model()
-    cache = tmp_path / "train.npz"
-    features, got_labels = extract_features(
-        model, dataset, cache, class_names=["a", "b", "c"], source_model="m.keras", split="train",
-        progress=False,
-    )
-    expected = keras.Model(model.input, model.get_layer("features").output)(images)
-    np.testing.assert_allclose(features, np.asarray(expected), atol=1e-6)
-    np.testing.assert_array_equal(got_labels, labels)
-    stored = load_feature_cache(cache)
-    assert stored.class_names == ["a", "b", "c"] and stored.split == "train"
-    assert stored.source_model == "m.keras" and stored.features.dtype == np.float32
-    # A fresh cache is reused: another model gives the cached features back.
-    again, _ = extract_features(_tiny_model(), dataset, cache, source_model="m.keras", split="train", progress=False)
-    np.testing.assert_array_equal(again, features)
-    no_features = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten()])
-    with pytest.raises(ValueError, match="no layer named 'features'"):
-        extract_features(no_features, dataset, progress=False)
-
-
 def _write_image_tree(root, rng, per_class, num_classes=3):
     for split, count in (("train", per_class), ("test", 6)):
         for c in range(num_classes):
@@ -221,10 +195,10 @@ def test_cli_writes_a_run_directory_the_harness_reads(tmp_path):
     command = [
         sys.executable, "-m", "car_tf.dlsa", f"--model_dir={run}", "--num_components=6",
         "--prior_stddev=1", "--flow_epochs=2", "--flow_batch_size=32", "--classifier_epochs=3",
-        "--batch_size=16", "--noprogress",
+        "--noprogress",
     ]
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": "", "CAR_TF_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = run / "dlsa"
@@ -240,4 +214,5 @@ def test_cli_writes_a_run_directory_the_harness_reads(tmp_path):
     scores = load_predictor(out).predict(images)
     assert scores.shape == (3, 3)
     assert json.loads((out / "report.json").read_text())["num_samples"] == 18
-    assert load_feature_cache(out / "features" / "test.npz").features.shape == (18, 4)
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "features").glob("*.npz"))
+    assert cached == ["test", "train"]  # the shared feature cache (car_tf.models.feature_cache)

@@ -1,0 +1,75 @@
+"""The evidence of README's "Evidence on the pretrained track": every method on frozen
+EfficientNet-Lite0 ImageNet features of CIFAR-10-LT, settings chosen on validation, then seeds.
+
+    python -m benchmarks.pretrained_track --output_dir=../runs/pretrained_track   # CAR_TF_DATA_DIR=../shared/data
+
+1. For each trained method, ``car_tf.search`` at IF 100 on a validation split carved from the
+   training images (a fifth of each class; the test split is not read): the flagfile's schedule and
+   each --vary value one flag at a time. The same schedule values are tried for every method; the
+   CAR variants also try the released ranges of their own settings.
+2. For each imbalance factor, ``car_tf.compare`` of every method with the settings chosen for it,
+   and DLSA on the CE and CAR runs, over the seeds: tables, paired differences and figures in
+   OUTPUT_DIR/if<IF>/.
+
+Every step resumes: rerun the command after an interruption.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from absl import app, flags
+
+FLAGFILE = "launch/cifar10_lt_frozen_effnet.flags"
+TRAINED = {  # method -> the train flags that select it (as car_tf.compare's METHOD_FLAGS)
+    "ce": ["--method=ce"],
+    "ldam_drw": ["--method=ldam_drw"],
+    "logit_adjusted": ["--method=logit_adjusted"],
+    "car": ["--method=car"],
+    "car_logit_adjusted": ["--method=car", "--base_loss=logit_adjusted"],
+}
+SCHEDULE_VARY = ["--vary=lr=0.02,0.5", "--vary=epochs=30"]
+CAR_VARY = ["--vary=spec_lambda=1.0", "--vary=spec_beta=0.5", "--vary=spec_count_weights=true"]
+POSTHOC = ["ce_dlsa", "car_dlsa"]
+
+flags.DEFINE_string("output_dir", None, "Where the searches and comparisons go.")
+flags.DEFINE_list("imbalance_factors", ["100", "10"], "CIFAR-10-LT imbalance factors to compare at.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds of the comparisons.")
+flags.DEFINE_list("methods", [*TRAINED, *POSTHOC], "Methods compared.")
+flags.mark_flag_as_required("output_dir")
+FLAGS = flags.FLAGS
+
+
+def run(command):
+    print("$ " + " ".join(command), flush=True)
+    if subprocess.run([sys.executable, "-m", *command]).returncode:
+        raise SystemExit(f"{command[0]} stopped; its message is above. Rerun this command to resume.")
+
+
+def chosen_flags(output_dir, method):
+    """Searches ``method``'s settings on validation (or reads the finished search); its chosen flags."""
+    where = output_dir / "search_if100" / method
+    vary = SCHEDULE_VARY + (CAR_VARY if method.startswith("car") else [])
+    run(["car_tf.search", f"--flagfile={FLAGFILE}", *TRAINED[method], *vary, f"--output_dir={where}"])
+    return json.loads((where / "search.json").read_text())["flags"]
+
+
+def main(argv):
+    del argv
+    output_dir = pathlib.Path(FLAGS.output_dir)
+    trained = [m for m in TRAINED if m in FLAGS.methods or f"{m}_dlsa" in FLAGS.methods]
+    method_flags = []
+    for method in trained:
+        found = chosen_flags(output_dir, method)
+        if found:
+            method_flags.append(f"--method_flags={method}:{','.join(found)}")
+    (output_dir / "chosen.json").write_text(json.dumps(method_flags, indent=1) + "\n")
+    for factor in FLAGS.imbalance_factors:
+        run(["car_tf.compare", f"--flagfile={FLAGFILE}", f"--imbalance_factor={factor}",
+             f"--methods={','.join(FLAGS.methods)}", f"--seeds={','.join(FLAGS.seeds)}", *method_flags,
+             f"--output_dir={output_dir / f'if{factor}'}"])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,64 @@
+"""Input streams over cached backbone features (README, "The pretrained track").
+
+The same contract as the image streams (car_tf.data.streams): full training batches of
+(float32 features [B, D], int32 labels [B]) whose order in epoch e depends only on (seed, e), so
+a resumed run sees the batches of an uninterrupted one; evaluation batches in the data's order.
+No augmentation: the features of a frozen backbone are computed once, from unaugmented images.
+"""
+
+import numpy as np
+
+from car_tf import backend
+from car_tf.data.arrays import epoch_rng
+
+_ORDER_STREAM = 0
+
+
+def epoch_order(size, batch_size, seed, epoch):
+    """The sample indices of epoch ``epoch``'s full batches, concatenated."""
+    if batch_size < 1 or size < batch_size:
+        raise ValueError(f"batch_size={batch_size} does not fit {size} training samples; "
+                         "use a batch size between 1 and the number of samples.")
+    steps = size // batch_size
+    return epoch_rng(seed, epoch, _ORDER_STREAM).permutation(size)[: steps * batch_size]
+
+
+def training_stream(features, labels, *, batch_size, seed, start_epoch, epochs):
+    """Shuffled full batches of epochs start_epoch .. epochs - 1 (tf.data under TensorFlow)."""
+    if not 0 <= start_epoch <= epochs:
+        raise ValueError(f"start_epoch={start_epoch} must lie in [0, epochs={epochs}]; check the resume state.")
+    features = np.asarray(features, np.float32)
+    labels = np.asarray(labels, np.int32)
+    order = np.concatenate(
+        [epoch_order(len(labels), batch_size, seed, e) for e in range(start_epoch, epochs)] or [np.zeros(0, int)]
+    )
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        table_x, table_y = tf.constant(features), tf.constant(labels)
+        picks = tf.data.Dataset.from_tensor_slices(order.astype(np.int64)).batch(batch_size, drop_remainder=True)
+        gather = lambda idx: (tf.gather(table_x, idx), tf.gather(table_y, idx))  # noqa: E731
+        return picks.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return (
+        (features[order[i : i + batch_size]], labels[order[i : i + batch_size]])
+        for i in range(0, len(order), batch_size)
+    )
+
+
+class EvaluationBatches:
+    """All samples in their given order, in batches (the last one smaller); iterable again and again."""
+
+    def __init__(self, features, labels, batch_size):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1.")
+        self.features = np.asarray(features, np.float32)
+        self.labels = np.asarray(labels, np.int32)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            end = start + self.batch_size
+            yield self.features[start:end], self.labels[start:end]
