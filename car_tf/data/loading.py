@@ -65,8 +65,15 @@ def _recipe_from_images(data, image_size):
     picks = np.unique(np.linspace(0, data.size - 1, min(SIZE_SAMPLES, data.size)).astype(int))
     side = 0
     for i in picks:
-        with Image.open(data.paths[i]) as image:
-            side = max(side, *image.size)
+        try:
+            with Image.open(data.paths[i]) as image:
+                side = max(side, *image.size)
+        except Exception as error:  # PIL's OSError, DecompressionBombError, SyntaxError, ...
+            reason = next((l.strip() for l in str(error).splitlines() if l.strip()), type(error).__name__)
+            raise ValueError(
+                f"The training image {data.paths[i]} cannot be opened to choose --data_recipe=auto "
+                f"({reason[:200]}); replace or remove it, or pass --data_recipe and --image_size."
+            ) from None
     if side <= SMALL_IMAGE_MAX:
         recipe, image_size = "cifar", int(image_size or side)
     else:

@@ -27,7 +27,7 @@ def make_folder(root, counts):
         folder.mkdir(parents=True)
         for i in range(n):
             (folder / f"{i:03d}.jpg").write_bytes(TINY_JPEG)
-        (folder / "notes.txt").write_text("not an image")
+        (folder / ".DS_Store").write_text("hidden: left out")
     return root
 
 
@@ -103,13 +103,16 @@ def test_class_without_training_images_is_named(tmp_path):
         sources.load_dataset("list", "train", data_dir=tmp_path, train_list=train, test_list=test)
 
 
-def test_list_test_classes_match_training_classes_by_folder_name(tmp_path):
+def test_list_labels_are_the_lists_numbers_and_folders_only_name_them(tmp_path):
     train = write_list(tmp_path / "train.txt", ["cat/a.jpg 0", "dog/b.jpg 1", "ship/c.jpg 2"])
-    # The test list numbers its classes differently: the folder names decide.
-    test = write_list(tmp_path / "test.txt", ["ship/x.jpg 0", "cat/y.jpg 1", "dog/z.jpg 2"])
+    test = write_list(tmp_path / "test.txt", ["val/ship/x.jpg 2", "val/cat/y.jpg 0", "val/dog/z.jpg 1"])
     data = sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=test)
     assert data.class_names == ["cat", "dog", "ship"] and data.labels.tolist() == [2, 0, 1]
-    short = write_list(tmp_path / "short.txt", ["cat/y.jpg 0", "dog/z.jpg 1", "frog/f.jpg 2"])
+    # A test list that numbers the folders otherwise keeps its numbers; the folders then name nothing.
+    other = write_list(tmp_path / "other.txt", ["ship/x.jpg 0", "cat/y.jpg 1", "dog/z.jpg 2"])
+    data = sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=other)
+    assert data.class_names == ["0", "1", "2"] and data.labels.tolist() == [0, 1, 2]
+    short = write_list(tmp_path / "short.txt", ["cat/y.jpg 0", "dog/z.jpg 1", "frog/f.jpg 3"])
     with pytest.raises(ValueError, match=r"no images of training class\(es\) 'ship' and has class\(es\) "
                                          r"'frog' that the training data lacks; give both splits"):
         sources.load_dataset("list", "test", data_dir=tmp_path, train_list=train, test_list=short)
