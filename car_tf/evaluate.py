@@ -10,9 +10,11 @@ train vs test gap to report.json. The many / medium / few groups are those of th
 (--many_threshold / --few_threshold recorded in its run.json) unless the flags are given.
 """
 
+import dataclasses
 import json
 import pathlib
 
+import numpy as np
 from absl import flags, logging
 
 from car_tf.data.loading import load_datasets
@@ -69,12 +71,11 @@ def evaluate_from_flags(flag_values=flags.FLAGS):
     if FLAGS.data_recipe == "auto" and run_info.get("recipe"):
         FLAGS.data_recipe = run_info["recipe"]  # evaluate as the model was trained
     train, test, recipe, image_size = load_datasets(FLAGS)
+    train, test = match_model_classes(predictor, FLAGS.model, train, test)
     if FLAGS.train_counts:
         train_counts = parse_train_counts(FLAGS.train_counts)
     else:
         train_counts = run_info.get("train_counts") or [int(c) for c in train.counts()]
-    if predictor.class_names and list(predictor.class_names) != list(test.class_names):
-        logging.warning("The model's class names differ from the data's; the data's names are used.")
 
     def dataset(data):
         return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
@@ -93,6 +94,45 @@ def evaluate_from_flags(flag_values=flags.FLAGS):
         **thresholds,
     )
     return report, output_dir
+
+
+def match_model_classes(predictor, model, *splits):
+    """The data ``splits`` relabelled to the model's class order, their classes matched by name.
+
+    The model's names are those it records (its run's run.json, or the export's metadata); data
+    whose class names differ from them is refused in one sentence naming the differing classes.
+    A model that records none is matched by position (output i is the data's class i), said in
+    one log line.
+    """
+    if not predictor.class_names:
+        logging.info(
+            "%s records no class names (no run.json beside it), so its %d outputs are matched to the "
+            "data's classes by position: output i is the data's class i (%s).",
+            model, predictor.num_classes, ", ".join(splits[0].class_names[:5]) + (", ..." if len(splits[0].class_names) > 5 else ""),
+        )
+        return splits
+    names = [str(n) for n in predictor.class_names]
+    data_names = splits[0].class_names
+    if sorted(names) != sorted(data_names):
+        lacking = [n for n in names if n not in set(data_names)]
+        extra = [n for n in data_names if n not in set(names)]
+        parts = [f"the model's class(es) {_listed(lacking)} are not in the data"] if lacking else []
+        parts += [f"the data's class(es) {_listed(extra)} are not in the model"] if extra else []
+        if not parts:
+            parts = ["a class name appears twice on one side"]
+        raise ValueError(
+            f"The data's classes differ from those {model} was trained on: {' and '.join(parts)}; "
+            "evaluate on data with the model's classes (matched by class name)."
+        )
+    if names != data_names:
+        logging.info("The data's classes are listed in another order than the model's; they are matched by name.")
+    order = np.asarray([names.index(n) for n in data_names], np.int64)  # data class -> model output
+    return tuple(dataclasses.replace(data, labels=order[data.labels], class_names=names) for data in splits)
+
+
+def _listed(names, limit=10):
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def main(argv):
