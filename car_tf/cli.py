@@ -94,4 +94,15 @@ def run(main, program, extra_errors=(), backends=("tensorflow",)):
             print(f"{program}: {sentence(error)}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=lambda argv: parse_flags(argv, program))
+
+
+def parse_flags(argv, program, flag_values=flags.FLAGS):
+    """absl's flag parsing, with a bad flag (unknown, or a value it refuses) as one sentence and exit
+    code 2, as every other user error; absl itself exits 1 with a usage hint."""
+    try:
+        return flag_values(argv)
+    except flags.Error as error:
+        message = re.sub(r"\s+\?", "?", " ".join(str(error).split())).rstrip(".")
+        print(f"{program}: {message} (--helpfull lists every flag and its values).", file=sys.stderr)
+        sys.exit(2)

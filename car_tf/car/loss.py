@@ -262,9 +262,44 @@ class CARLoss(keras.losses.Loss):
         return cls(**config)
 
 
+FRACTIONAL_LABEL = (
+    "CARLoss got a hard label that is not a whole number (such as 1.5); pass class ids (0, 1, ...), "
+    "or one-hot or soft labels of shape [batch, K]."
+)
+
+
 def _checked_labels(y_true, num_classes):
-    """Integer labels checked to lie in [0, K) before anything indexes by them; soft labels as given."""
+    """Integer labels checked to lie in [0, K) before anything indexes by them; soft labels as given.
+
+    Float hard labels must be whole numbers: the cast to int32 would floor 1.5 to class 1 without a
+    word. The check costs one comparison per label, and none for integer labels.
+    """
     y_true = ops.convert_to_tensor(y_true)
     if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes:
         return y_true
+    if "float" in keras.backend.standardize_dtype(y_true.dtype):
+        y_true = _stop_unless(ops.all(ops.equal(y_true, ops.floor(y_true))), FRACTIONAL_LABEL, y_true)
     return checked_labels(y_true, num_classes)
+
+
+def _stop_unless(condition, message, value):
+    """``value``, after stopping the step with ``message`` where the scalar ``condition`` is false: a
+    graph assertion under TensorFlow, a host callback under JAX's jit, at once on eager backends
+    (as car_tf.backend.checked_labels does for the label range)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.control_dependencies([tf.debugging.assert_equal(condition, True, message=message)]):
+            return tf.identity(value)
+    if backend == "jax":
+        import jax
+
+        def stop_if_false(ok):
+            if not ok:
+                raise ValueError(message)
+
+        jax.debug.callback(stop_if_false, condition)
+    elif not bool(condition):
+        raise ValueError(message)
+    return value
