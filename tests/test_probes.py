@@ -1,0 +1,385 @@
+"""What a new user runs into: no silent wrong answer, no lost run, no trace.
+
+Each test is one thing a user does that once gave a wrong answer without a word, dropped data
+without a word, or ended in a stack trace; it now gives the right answer or one sentence.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from PIL import Image
+
+import car_tf
+from car_tf import evaluate as evaluate_cli
+from car_tf import train as train_cli
+from car_tf.data import flags as data_flags
+from car_tf.data import loading, sources
+from car_tf.data.sources import LabeledData
+
+from train_helpers import COLOURS, ROOT, parse, write_class_folders
+
+
+def run(module, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def last_line(text):
+    return text.strip().splitlines()[-1]
+
+
+def write_list(path, lines):
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def data_values(*argv):
+    """The data flags alone, parsed from ``argv``."""
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["prog", *argv])
+    return values
+
+
+def bomb_png(path, side=20000):
+    """A PNG whose header claims side x side pixels (over PIL's decompression-bomb limit) and that
+    otherwise looks complete: it ends with IEND, so only its size gives it away."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+# --- 1. split lists whose folders are not classes --------------------------------------------------
+
+
+def test_split_list_in_shard_folders_keeps_its_label_numbers(tmp_path):
+    # Images sharded over s0/ s1/ s2/: the first image of each label happens to lie in a different
+    # shard in each list, which once named the classes after shards and relabelled the test set.
+    train = write_list(tmp_path / "train.txt", ["s0/a0.png 0", "s1/a1.png 1", "s2/a2.png 2",
+                                                "s1/b0.png 0", "s2/b1.png 1", "s0/b2.png 2"])
+    test = write_list(tmp_path / "test.txt", ["s1/t0.png 0", "s2/t1.png 1", "s0/t2.png 2", "s2/u0.png 0"])
+    kwargs = dict(data_dir=tmp_path, train_list=train, test_list=test)
+    training = sources.load_dataset("list", "train", **kwargs)
+    testing = sources.load_dataset("list", "test", **kwargs)
+    assert training.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert testing.labels.tolist() == [0, 1, 2, 0]
+    assert training.class_names == testing.class_names == ["0", "1", "2"]
+
+
+# --- 2. evaluate matches the model's classes to the data's by name ---------------------------------
+
+
+def _colour_run(run_dir, class_names):
+    """A run directory whose model tells the three colours of train_helpers apart perfectly: output
+    j is the mean of the colour channel of class_names[j] ("a" red, "b" green, "c" blue)."""
+    inputs = keras.Input((16, 16, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    dense = keras.layers.Dense(len(class_names), use_bias=False)
+    model = keras.Model(inputs, dense(pooled))
+    kernel = np.zeros((3, len(class_names)), np.float32)
+    for j, name in enumerate(class_names):
+        kernel[int(np.argmax(COLOURS[name])), j] = 1.0
+    dense.kernel.assign(kernel)
+    run_dir.mkdir()
+    model.save(run_dir / "model.keras")
+    (run_dir / "run.json").write_text(json.dumps({"class_names": class_names, "recipe": "cifar",
+                                                  "train_counts": [4] * len(class_names)}))
+    return run_dir
+
+
+def test_evaluate_on_data_listing_the_models_classes_in_another_order_matches_them_by_name(tmp_path):
+    run_dir = _colour_run(tmp_path / "run", ["c", "a", "b"])  # the data's folders sort as a, b, c
+    write_class_folders(tmp_path / "data" / "train", {"a": 4, "b": 4, "c": 4})
+    write_class_folders(tmp_path / "data" / "test", {"a": 5, "b": 5, "c": 5}, seed=1)
+    out = run("car_tf.evaluate", f"--model={run_dir}", "--dataset=folder", f"--data_dir={tmp_path / 'data'}",
+              f"--output_dir={tmp_path / 'eval'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["top1"] == 1.0  # matched by position it was 0
+    assert [row["name"] for row in report["per_class"]] == ["c", "a", "b"]
+
+
+class _Named:
+    def __init__(self, class_names, num_classes=3):
+        self.class_names, self.num_classes = class_names, num_classes
+
+
+def _split(names, labels):
+    return LabeledData(labels=labels, class_names=names, paths=[f"/x/{i}.png" for i in range(len(labels))])
+
+
+def test_evaluate_on_renamed_class_folders_is_refused_naming_the_classes():
+    data = _split(["a", "b", "kitten"], [0, 1, 2])
+    with pytest.raises(ValueError) as error:
+        evaluate_cli.match_model_classes(_Named(["a", "b", "cat"]), "runs/x", data, data)
+    assert str(error.value) == (
+        "The data's classes differ from those runs/x was trained on: the model's class(es) 'cat' are not "
+        "in the data and the data's class(es) 'kitten' are not in the model; evaluate on data with the "
+        "model's classes (matched by class name).")
+
+
+def test_evaluate_with_a_model_that_records_no_class_names_matches_by_position_and_says_so(caplog):
+    data = _split(["x", "y", "z"], [2, 0, 1])
+    with caplog.at_level("INFO", logger="absl"):
+        train, test = evaluate_cli.match_model_classes(_Named(None), "model.onnx", data, data)
+    assert test is data and train is data
+    assert "model.onnx records no class names" in caplog.text and "by position" in caplog.text
+
+
+# --- 3. every entry of a class folder is read or named ----------------------------------------------
+
+
+def _unreadable_entry(folder, kind):
+    """An entry of a class folder that TensorFlow cannot read; returns its path and the reason named."""
+    pixels = np.full((8, 8, 3), 90, np.uint8)
+    if kind == "webp":
+        Image.fromarray(pixels).save(folder / "photo.webp")
+        return folder / "photo.webp", "is a WebP image, which TensorFlow does not decode"
+    if kind == "tif":
+        Image.fromarray(pixels).save(folder / "scan.tif")
+        return folder / "scan.tif", "is a TIFF image, which TensorFlow does not decode"
+    if kind == "text":
+        (folder / "notes.txt").write_text("where these came from")
+        return folder / "notes.txt", "is not a JPEG, PNG, GIF or BMP image"
+    if kind == "subfolder":
+        (folder / "more").mkdir()
+        Image.fromarray(pixels).save(folder / "more" / "0.png")
+        return folder / "more", "is a folder, not an image file"
+    os.symlink(folder / "gone.png", folder / "link.png")  # a dangling link
+    return folder / "link.png", f"is a symbolic link to {folder / 'gone.png'}, which does not exist"
+
+
+@pytest.mark.parametrize("kind", ["webp", "tif", "text", "subfolder", "dangling_link"])
+def test_class_folder_entry_that_is_no_readable_image_is_named_or_skipped(tmp_path, kind):
+    write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
+    write_class_folders(tmp_path / "test", {"a": 2, "b": 2}, seed=1)
+    (tmp_path / "train" / "a" / ".DS_Store").write_text("hidden files are left out")
+    path, reason = _unreadable_entry(tmp_path / "train" / "a", kind)
+    argv = ["--dataset=folder", f"--data_dir={tmp_path}", "--data_recipe=cifar"]
+    with pytest.raises(ValueError) as error:
+        loading.load_datasets(data_values(*argv))
+    assert str(error.value).startswith(f"The training image {path} {reason}")
+    assert "\n" not in str(error.value) and "--skip_corrupt" in str(error.value)
+    train, _, _, _ = loading.load_datasets(data_values(*argv, "--skip_corrupt"))
+    assert train.counts().tolist() == [3, 3]
+    assert len(train.skipped) == 1 and train.skipped[0].startswith(f"{path}: {reason}")
+
+
+# --- 4. serve_onnx decodes as evaluate does, and names what it cannot classify ----------------------
+
+
+@pytest.mark.parametrize("recipe", ["cifar", "imagenet"])
+def test_serve_onnx_reads_a_16_bit_png_as_evaluate_does(tmp_path, recipe):
+    from car_tf.data.pipelines import eval_dataset
+    from export.serve_onnx import load_image
+
+    rng = np.random.default_rng(0)
+    gray = tmp_path / "gray16.png"
+    gray.write_bytes(tf.io.encode_png(rng.integers(0, 65536, (12, 10, 1)).astype(np.uint16)).numpy())
+    colour = tmp_path / "rgb16.png"
+    colour.write_bytes(tf.io.encode_png(rng.integers(0, 65536, (9, 14, 3)).astype(np.uint16)).numpy())
+    files = [str(gray), str(colour)]
+    data = LabeledData(labels=[0, 0], class_names=["x"], paths=files)
+    (expected, _), = eval_dataset(data, recipe=recipe, image_size=8, batch_size=2)
+    served = np.stack([load_image(path, 8, recipe) for path in files])
+    assert served[0].max() < 250  # PIL alone clipped the 16-bit gray image to white
+    np.testing.assert_allclose(served, expected.numpy(), atol=2e-3)
+
+
+def _mean_colour_onnx(path, class_names=("red", "green", "blue"), size=8):
+    """A tiny ONNX classifier with serve_onnx's metadata: logits = the mean of each colour channel."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2], keepdims=0),
+         helper.make_node("MatMul", ["mean", "eye"], ["logits"])],
+        "mean_colour",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [None, size, size, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, len(class_names)])],
+        [helper.make_tensor("eye", TensorProto.FLOAT, [3, 3], np.eye(3, dtype=np.float32).ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"image_size": str(size), "recipe": "cifar",
+                                   "class_names": json.dumps(list(class_names))})
+    onnx.save(model, path)
+    return path
+
+
+def _red_png(path):
+    Image.fromarray(np.tile(np.array([200, 30, 30], np.uint8), (8, 8, 1))).save(path)
+    return str(path)
+
+
+def test_serve_onnx_refuses_top_k_below_one_and_caps_it_at_the_class_count(tmp_path):
+    model, image = _mean_colour_onnx(tmp_path / "model.onnx"), _red_png(tmp_path / "red.png")
+    for bad in ("0", "-1"):
+        out = run("export.serve_onnx", f"--model={model}", f"--top_k={bad}", image)
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+        assert out.stderr.strip() == (
+            f"serve_onnx: --top_k={bad} must be at least 1: the number of classes to print per image.")
+    out = run("export.serve_onnx", f"--model={model}", "--top_k=10", image)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "serve_onnx: --top_k=10 is more than the model's 3 classes; printing all of them."
+    assert out.stdout.startswith(f"{image}: red ") and out.stdout.count(",") == 2
+
+
+def test_serve_onnx_names_an_image_over_the_decompression_bomb_limit_and_classifies_the_rest(tmp_path):
+    model, image = _mean_colour_onnx(tmp_path / "model.onnx"), _red_png(tmp_path / "red.png")
+    bomb = bomb_png(tmp_path / "bomb.png")
+    out = run("export.serve_onnx", f"--model={model}", "--top_k=1", str(bomb), image)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stdout.strip() == f"{image}: red 1.000"
+    problem = out.stderr.strip().splitlines()
+    assert len(problem) == 1 and problem[0].startswith(f"serve_onnx: {bomb} is over PIL's decompression-bomb limit (")
+    assert problem[0].endswith("; replace the file or leave it out.")
+
+
+# --- 5. settings that train the wrong way, labels that are silently floored -----------------------
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--lr=-0.1", "--lr=-0.1 must be above 0"),
+    ("--lr=0", "--lr=0.0 must be above 0"),
+    ("--momentum=1", "--momentum=1.0 must lie in [0, 1)"),
+    ("--momentum=-0.5", "--momentum=-0.5 must lie in [0, 1)"),
+    ("--weight_decay=-1e-4", "--weight_decay=-0.0001 must not be negative"),
+    ("--lr_decay_factor=0", "--lr_decay_factor=0.0 must be above 0"),
+    ("--lr_decay_epochs=abc", "--lr_decay_epochs=abc must be whole epoch numbers separated by commas"),
+])
+def test_training_with_a_learning_rate_setting_that_trains_the_wrong_way_is_refused(tmp_path, flag, message):
+    run_dir = tmp_path / "run"
+    values = parse(["--dataset=folder", f"--data_dir={tmp_path}", f"--model_dir={run_dir}", flag])
+    with pytest.raises(ValueError) as error:
+        train_cli.train_and_evaluate(values)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not run_dir.exists()
+
+
+def test_car_loss_given_fractional_labels_stops_in_one_sentence():
+    counts = [40, 20, 10, 5]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    y = rng.integers(0, 4, size=16).astype(np.float32)
+    y[3] = 1.5
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    loss = car_tf.CARLoss(counts, base="ce")
+    model.compile(keras.optimizers.SGD(0.1), loss=loss)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[car_tf.CARCallback(loss)])
+    assert "CARLoss got a hard label that is not a whole number (such as 1.5)" in str(error.value)
+    y[3] = 1.0  # whole numbers as floats are class ids
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[car_tf.CARCallback(loss)])
+
+
+# --- 6. hostile tarballs ----------------------------------------------------------------------------
+
+
+def _hostile_tarball(path, kind):
+    """A CIFAR-style tarball with one good image and one member tarfile's data filter refuses."""
+    good = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, data=None, **attributes):
+            info = tarfile.TarInfo(name)
+            for key, value in attributes.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, tarfile.io.BytesIO(data))
+            else:
+                tar.addfile(info)
+
+        add("cifar10/train/a/0.png", good)
+        member = {
+            "parent_path": ("../evil.png", dict(data=good)),
+            "absolute_path": ("/tmp/car_tf_evil.png", dict(data=good)),
+            "symlink_out": ("cifar10/train/a/link.png", dict(type=tarfile.SYMTYPE, linkname="../../../../etc/passwd")),
+            "absolute_symlink": ("cifar10/train/a/link.png", dict(type=tarfile.SYMTYPE, linkname="/etc/passwd")),
+            "hardlink_out": ("cifar10/train/a/hard.png", dict(type=tarfile.LNKTYPE, linkname="../../etc/passwd")),
+            "link_to_directory": ("cifar10/train/b", dict(type=tarfile.SYMTYPE, linkname="/etc")),
+        }[kind]
+        attributes = dict(member[1])
+        add(member[0], attributes.pop("data", None), **attributes)
+    return member[0]
+
+
+@pytest.mark.parametrize("kind", ["parent_path", "absolute_path", "symlink_out", "absolute_symlink",
+                                  "hardlink_out", "link_to_directory"])
+def test_hostile_tarball_as_data_is_refused_in_one_sentence_and_leaves_nothing(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv(sources.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    tarball = data / "cifar10.tar.gz"
+    member = _hostile_tarball(tarball, kind)
+    with pytest.raises(ValueError) as error:
+        sources.load_dataset("cifar10", "train", data_dir=tarball)
+    message = str(error.value)
+    assert message.startswith(f"Tarball {tarball} holds member {member!r}, which ")
+    assert message.endswith("; nothing was unpacked: repack it with plain files and folders only.")
+    assert "\n" not in message
+    assert sorted(os.listdir(data)) == ["cifar10.tar.gz"]  # no staging folder, no half-unpacked tree
+    assert not (tmp_path / "car_tf_evil.png").exists() and not (tmp_path / "evil.png").exists()
+
+
+# --- 7. a decompression bomb among the training images ---------------------------------------------
+
+
+def test_training_image_over_the_decompression_bomb_limit_is_named_or_skipped(tmp_path):
+    write_class_folders(tmp_path / "train", {"a": 3, "b": 3})
+    write_class_folders(tmp_path / "test", {"a": 2, "b": 2}, seed=1)
+    bomb = bomb_png(tmp_path / "train" / "b" / "huge.png")
+    argv = ["--dataset=folder", f"--data_dir={tmp_path}", "--data_recipe=auto"]
+    with pytest.raises(ValueError) as error:
+        loading.load_datasets(data_values(*argv))
+    assert str(error.value).startswith(
+        f"The training image {bomb} is 20000 x 20000 pixels, over PIL's decompression-bomb limit of ")
+    train, _, recipe, image_size = loading.load_datasets(data_values(*argv, "--skip_corrupt"))
+    assert train.counts().tolist() == [3, 3] and len(train.skipped) == 1
+    assert (recipe, image_size) == ("cifar", 16)
+
+
+# --- 8. split-list paths outside --data_dir ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("outside", ["../outside/secret.jpg", "ABSOLUTE"])
+def test_split_list_path_outside_data_dir_is_refused(tmp_path, outside):
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.write_bytes(tf.io.encode_jpeg(np.zeros((4, 4, 3), np.uint8)).numpy())
+    root = tmp_path / "data"
+    root.mkdir()
+    outside = str(secret) if outside == "ABSOLUTE" else outside
+    train = write_list(tmp_path / "train.txt", ["a/x.jpg 0", f"{outside} 0", "b/y.jpg 1"])
+    with pytest.raises(ValueError) as error:
+        sources.load_dataset("list", "train", data_dir=root, train_list=train, test_list=train)
+    assert str(error.value) == (
+        f"{train}, line 2: path {outside!r} leaves --data_dir ({root}); list only paths relative to "
+        "--data_dir, inside it.")
+
+
+# --- 9. a mistyped method ----------------------------------------------------------------------------
+
+
+def test_unknown_method_exits_2_in_one_sentence(tmp_path):
+    out = run("car_tf.train", "--method=carr", f"--model_dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert last_line(out.stderr).startswith("car_tf.train: flag --method=carr: value should be one of <ce|")
+    assert last_line(out.stderr).endswith("(--helpfull lists every flag and its values).")
+    assert not (tmp_path / "run").exists()
