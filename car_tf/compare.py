@@ -44,7 +44,7 @@ PAIRED_BASE = {"car": "ce", **{f"car_{b}": b for b in BASE_LOSSES if b != "ce"}}
 DLSA_SUFFIX = "_dlsa"
 POSTHOC = {f"{m}{DLSA_SUFFIX}": m for m in METHOD_FLAGS if m != "car_concutmix"}
 PAIRED_BASE.update({f"{m}{DLSA_SUFFIX}": f"{b}{DLSA_SUFFIX}" for m, b in list(PAIRED_BASE.items())})
-OWN_FLAGS = ("methods", "seeds", "output_dir", "method_flags")
+OWN_FLAGS = ("methods", "seeds", "output_dir", "method_flags", "dlsa_flags")
 
 FLAGS = flags.FLAGS
 
@@ -57,6 +57,9 @@ def define_flags():
     flags.DEFINE_multi_string(
         "method_flags", [], "METHOD:--flag=value[,--flag=value...]: train flags of that method alone, e.g. the "
         "settings car_tf.search chose for it (car:--spec_lambda=1.0); repeat for other methods.")
+
+    flags.DEFINE_list("dlsa_flags", [], "Flags of python -m car_tf.dlsa for the <method>_dlsa rows, e.g. "
+                      "--flow_epochs=10,--classifier_epochs=30.")
 
 
 def per_method_flags(items, methods):
@@ -126,12 +129,13 @@ def train_run(arguments, run_dir, what):
     return time.time() - start
 
 
-def dlsa_run(base_dir, run_dir, seed, what):
-    """Fits DLSA on a finished run (``python -m car_tf.dlsa``) in a fresh process, unless done."""
+def dlsa_run(base_dir, run_dir, seed, what, extra=()):
+    """Fits DLSA on a finished run (``python -m car_tf.dlsa`` with flags ``extra``) in a fresh
+    process, unless done."""
     if (run_dir / "report.json").exists():
         return 0.0
     command = [sys.executable, "-m", "car_tf.dlsa", f"--model_dir={base_dir}", f"--output_dir={run_dir}",
-               f"--seed={seed}", "--noprogress"]
+               f"--seed={seed}", "--noprogress", *extra]
     start = time.time()
     if subprocess.run(command).returncode:
         raise ValueError(f"DLSA on {what} stopped (its message is above); fix that and rerun this command, "
@@ -239,9 +243,10 @@ class Runner:
     """Trains runs under OUTPUT_DIR, one at a time, keeping their training wall time (not the time
     to read a finished run back) in OUTPUT_DIR/timings.json, keyed by run directory."""
 
-    def __init__(self, output_dir, arguments, method_flags=None):
+    def __init__(self, output_dir, arguments, method_flags=None, dlsa_flags=()):
         self.output_dir, self.arguments = output_dir, arguments
         self.method_flags = method_flags or {}
+        self.dlsa_flags = list(dlsa_flags)
         self.timings_path = output_dir / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
 
@@ -261,7 +266,8 @@ class Runner:
         self.train(base, seed, METHOD_FLAGS[base], prefix=prefix)
         run_dir = run_directory(self.output_dir, label, seed)
         print(f"{prefix}{label}, seed {seed}: {run_dir}", flush=True)
-        seconds = dlsa_run(run_directory(self.output_dir, base, seed), run_dir, seed, f"{base} with seed {seed}")
+        seconds = dlsa_run(run_directory(self.output_dir, base, seed), run_dir, seed, f"{base} with seed {seed}",
+                           self.dlsa_flags)
         self._record(run_dir, seconds)
 
     def _record(self, run_dir, seconds):
@@ -278,7 +284,8 @@ def main(argv):
     del argv
     output_dir = checked_output_dir(FLAGS)
     methods, seeds = checked_choice(FLAGS.methods, FLAGS.seeds)
-    runner = Runner(output_dir, train_arguments(sys.argv[1:]), per_method_flags(FLAGS.method_flags, methods))
+    runner = Runner(output_dir, train_arguments(sys.argv[1:]), per_method_flags(FLAGS.method_flags, methods),
+                    FLAGS.dlsa_flags)
     total = len(methods) * len(seeds)
     for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
         prefix = f"[{index + 1}/{total}] "

@@ -59,6 +59,12 @@ flags.DEFINE_bool(
     "$CAR_TF_CACHE_DIR/features, reused by later runs on the same weights and data) and only the "
     "head trains on them, without augmentation. model.keras is still the whole images-to-logits network.",
 )
+flags.DEFINE_string(
+    "unfreeze_from", None,
+    "Partial fine-tuning: train only the layers from this layer of the model (a top-level layer name, "
+    "e.g. stage7_block1_expand_conv of efficientnet_lite0) to the head; the layers before it stay "
+    "frozen, their batch norms in inference mode.",
+)
 flags.DEFINE_integer(
     "freeze_backbone_epochs", 0,
     "Epochs at the start during which the backbone does not move (a linear probe), then full fine-tuning.",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from car_tf import compare
+from car_tf import comparison_figures, compare
 from train_helpers import ROOT, tiny_args
 
 
@@ -14,7 +14,7 @@ def report(top1, many, medium, accuracies):
     return {"top1": top1, "many": many, "medium": medium, "few": None,
             "mean_class_accuracy": sum(accuracies) / len(accuracies),
             "worst_class_accuracy": min(accuracies),
-            "per_class": [{"accuracy": a} for a in accuracies]}
+            "per_class": [{"accuracy": a, "train_count": 100 // (i + 1)} for i, a in enumerate(accuracies)]}
 
 
 def write_report(tmp_path, method, seed, *args):
@@ -54,6 +54,27 @@ def test_bad_choices_are_one_sentence(methods, seeds, message):
         compare.checked_choice(methods, seeds)
 
 
+def test_method_flags_go_to_their_method_alone():
+    found = compare.per_method_flags(["car:--spec_lambda=1.0,--lr=0.2", "ce:--lr=0.3"], ["ce", "car"])
+    assert found == {"car": ["--spec_lambda=1.0", "--lr=0.2"], "ce": ["--lr=0.3"]}
+    for bad in ("cat:--lr=1", "car:lr=1", "car:"):
+        with pytest.raises(ValueError, match="must read METHOD:--flag=value"):
+            compare.per_method_flags([bad], ["ce", "car"])
+
+
+def test_figures_are_drawn_from_the_finished_runs(tmp_path):
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        write_report(tmp_path, "ce", seed, 0.50, 0.6, 0.1, [0.9, 0.0 + shift, 0.3, 0.6])
+        write_report(tmp_path, "car", seed, 0.52, 0.6, 0.3, [0.8, 0.2 + shift, 0.3, 0.6])
+    methods, seeds = ["ce", "car"], [0, 1]
+    paths = comparison_figures.write_figures(
+        tmp_path, methods, seeds, compare.finished_runs(tmp_path, methods, seeds), compare.paired(methods))
+    assert [p.name for p in paths] == ["accuracy_vs_count.png", "paired_differences.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+    counts, accuracy = comparison_figures.per_class(tmp_path, "car", seeds)
+    assert counts.tolist() == [100, 50, 33, 25] and accuracy.shape == (2, 4)
+
+
 def run_compare(*args):
     return subprocess.run([sys.executable, "-m", "car_tf.compare", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
@@ -74,6 +95,16 @@ def test_a_set_trains_prints_its_table_and_reads_finished_runs_back(tiny_folder,
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((out / "timings.json").read_text()) == timings
     assert (out / "comparison.md").read_text().split("\n\n")[0] in again.stdout
+    # DLSA rows on the finished runs, a method's own flags, and the figures.
+    dlsa = ["--dlsa_flags=--num_components=6,--prior_stddev=1,--flow_epochs=2,--flow_batch_size=32,"
+            "--classifier_epochs=3"]
+    more = run_compare(*train_flags, "--methods=ce,car,ce_dlsa,car_dlsa,logit_adjusted", "--seeds=0",
+                       "--method_flags=logit_adjusted:--la_tau=0.5", *dlsa, f"--output_dir={out}")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "| car_dlsa - ce_dlsa | 1 |" in more.stdout
+    assert "--la_tau=0.5" in (out / "logit_adjusted" / "seed_0" / "flags.txt").read_text()
+    assert json.loads((out / "car_dlsa" / "seed_0" / "run.json").read_text())["method"] == "car+dlsa"
+    assert (out / "accuracy_vs_count.png").exists() and (out / "paired_differences.png").exists()
     # Other train flags for the same runs are refused by train, and compare says which run stopped.
     changed = run_compare(*train_flags, "--lr=0.5", "--methods=ce", "--seeds=0", f"--output_dir={out}")
     assert changed.returncode == 2

@@ -69,6 +69,7 @@ class ModelConfig:
     patch_size: int = 0
     pretrained: str | None = None
     frozen_backbone: bool = False
+    unfreeze_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

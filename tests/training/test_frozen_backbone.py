@@ -8,7 +8,7 @@ import pytest
 
 from car_tf import train as train_cli
 from car_tf.evaluation.predictors import load_predictor
-from car_tf.models import feature_cache
+from car_tf.models import create_model, feature_cache
 
 from train_helpers import parse, tiny_args
 from test_run_directory import snapshot
@@ -66,3 +66,18 @@ def test_what_cached_features_cannot_do_is_refused_before_writing(tiny_folder, t
     with pytest.raises(ValueError, match=named) as error:
         train_cli.train_and_evaluate(_frozen(tiny_folder, run, *extra))
     assert "--frozen_backbone" in str(error.value) and snapshot(run) == before
+
+
+def test_unfreeze_from_trains_only_the_layers_from_it_on(tiny_folder, tmp_path):
+    run = tmp_path / "partial"
+    names = [layer.name for layer in create_model("resnet32", 3, input_shape=(16, 16, 3)).layers]
+    batch_norms = [n for n in names if "bn" in n]
+    pick = names[names.index(batch_norms[-2]) - 1]  # the layer before the second-last batch norm
+    train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, run, f"--unfreeze_from={pick}", "--epochs=1")))
+    model = keras.saving.load_model(run / "model.keras")
+    moving_means = {n: keras.ops.convert_to_numpy(model.get_layer(n).moving_mean) for n in batch_norms}
+    frozen = batch_norms[:-2]
+    assert all(not moving_means[n].any() for n in frozen)  # inference mode: still their initial zeros
+    assert all(moving_means[n].any() for n in batch_norms[-2:])
+    with pytest.raises(ValueError, match="--unfreeze_from=nope names no backbone layer"):
+        train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, tmp_path / "x", "--unfreeze_from=nope")))
