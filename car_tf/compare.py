@@ -10,7 +10,10 @@ interrupted run from its checkpoint and reads finished ones back (train refuses,
 a run directory whose flags differ), so a set can be completed later. The table (mean +- standard
 deviation over the finished seeds of top-1, many / medium / few, worst class and the mean of the
 three worst classes) and the paired differences (a CAR variant minus its base, seed by seed) are
-printed and written to OUTPUT_DIR/comparison.md from whatever runs have finished.
+printed and written to OUTPUT_DIR/comparison.md from whatever runs have finished, with two figures
+(car_tf.comparison_figures). A method "<method>_<stage>" runs a post-hoc stage on that method's
+run: dlsa (python -m car_tf.dlsa, flags from --dlsa_flags) or crt, tau_norm, posthoc_la
+(python -m car_tf.rebalance); --method_flags gives one method train flags of its own.
 """
 
 import json
@@ -40,10 +43,14 @@ METHOD_FLAGS = {
 }
 # A CAR variant -> the method it adds CAR to (the paired difference's baseline).
 PAIRED_BASE = {"car": "ce", **{f"car_{b}": b for b in BASE_LOSSES if b != "ce"}}
-# DLSA (python -m car_tf.dlsa) on a trained method's run: "<method>_dlsa"; CAR's pairs carry over.
-DLSA_SUFFIX = "_dlsa"
-POSTHOC = {f"{m}{DLSA_SUFFIX}": m for m in METHOD_FLAGS if m != "car_concutmix"}
-PAIRED_BASE.update({f"{m}{DLSA_SUFFIX}": f"{b}{DLSA_SUFFIX}" for m, b in list(PAIRED_BASE.items())})
+# Post-hoc stages on a trained method's run, "<method>_<stage>": DLSA and classifier re-balancing
+# (car_tf.rebalance); CAR's pairs carry over (car_dlsa - ce_dlsa, ...).
+POSTHOC_COMMANDS = {
+    "dlsa": ["car_tf.dlsa"],
+    **{stage: ["car_tf.rebalance", f"--method={stage}"] for stage in ("crt", "tau_norm", "posthoc_la")},
+}
+POSTHOC = {f"{m}_{stage}": (m, stage) for m in METHOD_FLAGS if m != "car_concutmix" for stage in POSTHOC_COMMANDS}
+PAIRED_BASE.update({f"{m}_{stage}": f"{b}_{stage}" for m, b in list(PAIRED_BASE.items()) for stage in POSTHOC_COMMANDS})
 OWN_FLAGS = ("methods", "seeds", "output_dir", "method_flags", "dlsa_flags")
 
 FLAGS = flags.FLAGS
@@ -129,16 +136,16 @@ def train_run(arguments, run_dir, what):
     return time.time() - start
 
 
-def dlsa_run(base_dir, run_dir, seed, what, extra=()):
-    """Fits DLSA on a finished run (``python -m car_tf.dlsa`` with flags ``extra``) in a fresh
+def posthoc_run(stage, base_dir, run_dir, seed, what, extra=()):
+    """Runs a post-hoc stage (POSTHOC_COMMANDS, with flags ``extra``) on a finished run in a fresh
     process, unless done."""
     if (run_dir / "report.json").exists():
         return 0.0
-    command = [sys.executable, "-m", "car_tf.dlsa", f"--model_dir={base_dir}", f"--output_dir={run_dir}",
+    command = [sys.executable, "-m", *POSTHOC_COMMANDS[stage], f"--model_dir={base_dir}", f"--output_dir={run_dir}",
                f"--seed={seed}", "--noprogress", *extra]
     start = time.time()
     if subprocess.run(command).returncode:
-        raise ValueError(f"DLSA on {what} stopped (its message is above); fix that and rerun this command, "
+        raise ValueError(f"{stage} on {what} stopped (its message is above); fix that and rerun this command, "
                          "finished runs are kept.")
     return time.time() - start
 
@@ -260,14 +267,16 @@ class Runner:
         seconds = train_run([*self.arguments, *extra, f"--seed={seed}"], run_dir, what)
         self._record(run_dir, 0.0 if finished else seconds)
 
-    def dlsa(self, label, seed, prefix=""):
-        """Fits DLSA (``label`` = "<method>_dlsa") on the method's run of seed ``seed``, training that first."""
-        base = POSTHOC[label]
+    def posthoc(self, label, seed, prefix=""):
+        """Runs the post-hoc stage of ``label`` ("<method>_<stage>") on the method's run of seed
+        ``seed``, training that first."""
+        base, stage = POSTHOC[label]
         self.train(base, seed, METHOD_FLAGS[base], prefix=prefix)
         run_dir = run_directory(self.output_dir, label, seed)
         print(f"{prefix}{label}, seed {seed}: {run_dir}", flush=True)
-        seconds = dlsa_run(run_directory(self.output_dir, base, seed), run_dir, seed, f"{base} with seed {seed}",
-                           self.dlsa_flags)
+        extra = self.dlsa_flags if stage == "dlsa" else []
+        seconds = posthoc_run(stage, run_directory(self.output_dir, base, seed), run_dir, seed,
+                              f"{base} with seed {seed}", extra)
         self._record(run_dir, seconds)
 
     def _record(self, run_dir, seconds):
@@ -290,7 +299,7 @@ def main(argv):
     for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
         prefix = f"[{index + 1}/{total}] "
         if method in POSTHOC:
-            runner.dlsa(method, seed, prefix=prefix)
+            runner.posthoc(method, seed, prefix=prefix)
         else:
             runner.train(method, seed, METHOD_FLAGS[method], prefix=prefix)
         write_comparison(output_dir, methods, seeds, runner.timings)

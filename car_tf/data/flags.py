@@ -1,5 +1,7 @@
-"""absl flags shared by the command lines (train, evaluate, dlsa) for choosing and reading data."""
-from absl import flags
+"""absl flags shared by the command lines (train, evaluate, dlsa, rebalance) for choosing and reading data."""
+import pathlib
+
+from absl import flags, logging
 
 from car_tf.data import longtail, recipes, sources
 from car_tf.data.loading import CIFAR_IMBALANCE_FACTOR, SMALL_IMAGE_MAX
@@ -83,3 +85,26 @@ def define_group_flags(flag_values=flags.FLAGS):
             "unless given.",
             lower_bound=0, flag_values=flag_values,
         )
+
+
+DATA_FLAGS = (
+    "dataset", "data_dir", "train_list", "test_list", "imbalance_factor", "lt_profile",
+    "image_size", "data_recipe", "skip_corrupt",
+)
+
+
+def base_run_data_flags(model_dir, given=flags.FLAGS):
+    """The data flags of the run in ``model_dir`` (its flags.txt), overridden by those given on this
+    command line (``given``): what a post-hoc stage on a finished run reads its data with."""
+    values = flags.FlagValues()
+    define_data_flags(values)
+    flagfile = pathlib.Path(model_dir) / "flags.txt"
+    if flagfile.is_file():
+        values(["base_run", f"--flagfile={flagfile}"], known_only=True)
+    else:
+        values(["base_run"])
+        logging.warning("%s is missing; the data flags of this command line are used.", flagfile)
+    for name in DATA_FLAGS:
+        if name in values and (given[name].present or not flagfile.is_file()):
+            values[name].value = given[name].value
+    return values

@@ -15,7 +15,7 @@ from absl import flags, logging
 from car_tf import cli
 
 cli.refuse_other_backends("car_tf.dlsa")  # before the modules below, which import TensorFlow
-from car_tf.data.flags import define_data_flags  # noqa: E402
+from car_tf.data.flags import base_run_data_flags, define_data_flags  # noqa: E402
 from car_tf.data.loading import load_datasets  # noqa: E402
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig  # noqa: E402
 from car_tf.dlsa.fit import DLSAConfig  # noqa: E402
@@ -50,28 +50,6 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
-DATA_FLAGS = (
-    "dataset", "data_dir", "train_list", "test_list", "imbalance_factor", "lt_profile",
-    "image_size", "data_recipe", "skip_corrupt",
-)
-
-
-def base_run_data_flags(model_dir):
-    """The base run's data flags (from its flags.txt), overridden by those given on this command line."""
-    values = flags.FlagValues()
-    define_data_flags(values)
-    flagfile = pathlib.Path(model_dir) / "flags.txt"
-    if flagfile.is_file():
-        values(["dlsa", f"--flagfile={flagfile}"], known_only=True)
-    else:
-        values(["dlsa"])
-        logging.warning("%s is missing; the data flags of this command line are used.", flagfile)
-    for name in DATA_FLAGS:
-        if name in values and (FLAGS[name].present or not flagfile.is_file()):
-            values[name].value = FLAGS[name].value
-    return values
-
-
 def config_from_flags():
     return DLSAConfig(
         depth=FLAGS.depth,
