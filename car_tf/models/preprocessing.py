@@ -3,10 +3,12 @@
 import keras
 
 # Per-channel statistics of pixels scaled to [0, 1]. The CIFAR values are those of the released
-# LDAM / BCL / ConCutMix code; the ImageNet values are the usual torchvision ones.
+# LDAM / BCL / ConCutMix code; the ImageNet values are the usual torchvision ones;
+# "efficientnet_lite" is the (x - 127) / 128 of EfficientNet-Lite's TensorFlow release.
 CHANNEL_STATS = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "efficientnet_lite": ((127 / 255,) * 3, (128 / 255,) * 3),
 }
 
 

@@ -11,6 +11,7 @@ import inspect
 import io
 import pathlib
 import re
+import types
 import zipfile
 
 import h5py
@@ -26,6 +27,7 @@ class _Registration:
     builder: callable
     input_shape: tuple
     normalization: str
+    packaged_weights: types.MappingProxyType  # weights name -> loader(model)
 
 
 _MODELS = {}
@@ -36,10 +38,13 @@ _ECOSYSTEM = {
 }
 
 
-def register_model(name, *, input_shape=(224, 224, 3), normalization="imagenet"):
+def register_model(name, *, input_shape=(224, 224, 3), normalization="imagenet", packaged_weights=None):
     """Decorator that registers ``builder(images, **options) -> features`` under ``name``.
 
     ``input_shape`` is the default image shape and ``normalization`` a key of CHANNEL_STATS.
+    ``packaged_weights`` maps names of weights that come with the model (e.g. "imagenet") to a
+    ``loader(model)`` that sets them on the built model; ``create_model(name, K, weights=NAME)``
+    calls it.
     """
     if normalization not in CHANNEL_STATS:
         raise ValueError(
@@ -49,7 +54,9 @@ def register_model(name, *, input_shape=(224, 224, 3), normalization="imagenet")
     def decorator(builder):
         if name in _MODELS:
             raise ValueError(f"a model named {name!r} is already registered; pick another name.")
-        _MODELS[name] = _Registration(builder, tuple(input_shape), normalization)
+        _MODELS[name] = _Registration(
+            builder, tuple(input_shape), normalization, types.MappingProxyType(dict(packaged_weights or {}))
+        )
         return builder
 
     return decorator
@@ -80,12 +87,13 @@ def create_model(
       input_shape: (H, W, 3); defaults to the model's registered shape.
       head: "linear" (Dense with bias) or "cosine" (CosineClassifier with ``cosine_scale``).
       cosine_scale: the scale s of the cosine head.
-      weights: optional path to a ``.weights.h5`` (or ``.keras``) file to load. For
-        "keras_hub", the keras-hub preset (name or local folder) whose backbone and weights to
-        use; for "keras_resnet50", "imagenet", the path of keras.applications' weights file, or
-        None (see car_tf.models.ecosystem).
+      weights: optional path to a ``.weights.h5`` (or ``.keras``) file to load, or the name of
+        weights packaged with the model ("imagenet" for "efficientnet_lite0": the backbone's
+        weights; the classifier stays new). For "keras_hub", the keras-hub preset (name or local
+        folder) whose backbone and weights to use; for "keras_resnet50", "imagenet", the path of
+        keras.applications' weights file, or None (see car_tf.models.ecosystem).
       dropout: dropout rate between "features" and "classifier".
-      normalization: "cifar" or "imagenet" pixel statistics; defaults to the model's own.
+      normalization: a key of CHANNEL_STATS ("cifar", "imagenet", ...); defaults to the model's own.
       **backbone_options: options of the backbone builder (e.g. ``patch_size`` for ViT).
     """
     if name in _ECOSYSTEM:
@@ -97,13 +105,17 @@ def create_model(
         return _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights, dropout)
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; pass one of {', '.join(list_models())}.")
-    if weights == "imagenet" or ecosystem.is_keras_hub_preset(weights):
-        family = ecosystem.KERAS_RESNET50 if weights == "imagenet" else ecosystem.KERAS_HUB
-        raise ValueError(
-            f"weights {weights!r} are published for the ecosystem's own backbone, not car_tf's "
-            f"{name}; pass --model={family} (create_model({family!r}, ...)) with them."
-        )
     registration = _MODELS[name]
+    packaged = registration.packaged_weights.get(weights) if isinstance(weights, str) else None
+    if packaged is None and (weights == "imagenet" or ecosystem.is_keras_hub_preset(weights)):
+        family = ecosystem.KERAS_RESNET50 if weights == "imagenet" else ecosystem.KERAS_HUB
+        also = [other for other, r in sorted(_MODELS.items()) if weights in r.packaged_weights]
+        raise ValueError(
+            f"weights {weights!r} are published for the ecosystem's own backbone"
+            f"{' or packaged with ' + ', '.join(also) if also else ''}, not for car_tf's "
+            f"{name}; pass --model={family} (create_model({family!r}, ...))"
+            f"{''.join(' or --model=' + other for other in also)} with them."
+        )
     _check_common(num_classes, dropout)
     input_shape = _checked_shape(input_shape or registration.input_shape)
     normalization = normalization or registration.normalization
@@ -125,7 +137,9 @@ def create_model(
     x = PixelNormalization(mean, std, name="pixel_normalization")(images)
     features = registration.builder(x, **backbone_options)
     model = _with_head(images, features, name, num_classes, head, cosine_scale, dropout)
-    if weights is not None:
+    if packaged is not None:
+        packaged(model)
+    elif weights is not None:
         load_model_weights(model, weights)
     return model
 

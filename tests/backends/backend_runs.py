@@ -153,13 +153,25 @@ def label_check(out):
 
 
 def backbones(out):
-    """Output shape and finiteness of each built-in backbone's forward pass at 32 x 32."""
+    """Output shape and finiteness of each built-in backbone's forward pass at 32 x 32, and the
+    ImageNet-weighted EfficientNet-Lite0's features of ``efficientnet_images()``."""
     results = {}
-    for name in ("resnet32", "resnet50", "resnext50_32x4d", "vit_s16", "vit_b16"):
+    for name in ("resnet32", "resnet50", "resnext50_32x4d", "vit_s16", "vit_b16", "efficientnet_lite0"):
         model = car_tf.models.create_model(name, 3, input_shape=(32, 32, 3))
         logits = keras.ops.convert_to_numpy(model(np.zeros((2, 32, 32, 3), "float32"), training=False))
         results[name] = {"shape": list(logits.shape), "finite": bool(np.isfinite(logits).all())}
+    images = efficientnet_images()
+    model = car_tf.models.create_model("efficientnet_lite0", 3, input_shape=images.shape[1:], weights="imagenet")
+    features = car_tf.models.features_model(model, with_logits=False)(images, training=False)
+    results["efficientnet_lite0_features"] = keras.ops.convert_to_numpy(features).tolist()
     pathlib.Path(out).write_text(json.dumps(results))
+
+
+def efficientnet_images():
+    """Two smooth 38 x 38 images: even and odd sizes (38, 19, 10, 5, 3) meet "SAME" padding at stride 2."""
+    grid = np.linspace(0.0, 1.0, 38)
+    ramp = np.stack([np.outer(grid, 1 - grid), np.outer(1 - grid, grid), np.outer(grid, grid)], axis=-1)
+    return (255.0 * np.stack([ramp, ramp[::-1, ::-1]])).astype("float32")
 
 
 

@@ -151,9 +151,18 @@ def test_data_parallel_on_two_devices_matches_one(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", OFF_TENSORFLOW)
 def test_backbones_build_and_run(backend, tmp_path):
+    from backend_runs import efficientnet_images
+
     results = run_under(backend, "backbones", tmp_path / "backbones.json")
-    assert results == {name: {"shape": [2, 3], "finite": True}
-                       for name in ("resnet32", "resnet50", "resnext50_32x4d", "vit_s16", "vit_b16")}
+    features = np.array(results.pop("efficientnet_lite0_features"))
+    assert results == {name: {"shape": [2, 3], "finite": True} for name in (
+        "resnet32", "resnet50", "resnext50_32x4d", "vit_s16", "vit_b16", "efficientnet_lite0")}
+    # ImageNet weights fix the network, so the forward pass must be TensorFlow's (this process).
+    images = efficientnet_images()
+    model = car_tf.models.create_model("efficientnet_lite0", 3, input_shape=images.shape[1:], weights="imagenet")
+    want = np.asarray(car_tf.models.features_model(model, with_logits=False)(images, training=False))
+    assert features.shape == want.shape == (2, 1280)
+    assert np.max(np.abs(features - want)) / np.max(np.abs(want)) < 1e-4
 
 
 @pytest.mark.slow

@@ -29,12 +29,13 @@ def pixels(*shape):
 
 def test_registry_lists_every_backbone():
     assert list_models() == [
-        "keras_hub", "keras_resnet50", "resnet32", "resnet50", "resnext50_32x4d", "vit_b16", "vit_s16"
+        "efficientnet_lite0", "keras_hub", "keras_resnet50", "resnet32", "resnet50", "resnext50_32x4d",
+        "vit_b16", "vit_s16",
     ]
 
 
 def test_unknown_name_and_bad_arguments_raise_one_clear_sentence():
-    with pytest.raises(ValueError, match="unknown model 'resnet18'; pass one of keras_hub, keras_resnet50, resnet32, resnet5"):
+    with pytest.raises(ValueError, match="unknown model 'resnet18'; pass one of efficientnet_lite0, keras_hub, keras_resnet50, resnet32, resnet5"):
         create_model("resnet18", 10)
     with pytest.raises(ValueError, match="does not take option.*patch_size"):
         create_model("resnet32", 10, patch_size=4)
@@ -51,21 +52,22 @@ def test_unknown_name_and_bad_arguments_raise_one_clear_sentence():
 
 
 @pytest.mark.parametrize(
-    "name, trainable_params, feature_dim",
+    "name, trainable_params, feature_dim, normalization",
     [
-        ("resnet50", 25_557_032, 2048),
-        ("resnext50_32x4d", 25_028_904, 2048),
-        ("vit_s16", 22_050_664, 384),
-        ("vit_b16", 86_567_656, 768),
+        ("resnet50", 25_557_032, 2048, "imagenet"),
+        ("resnext50_32x4d", 25_028_904, 2048, "imagenet"),
+        ("vit_s16", 22_050_664, 384, "imagenet"),
+        ("vit_b16", 86_567_656, 768, "imagenet"),
+        ("efficientnet_lite0", 4_652_008, 1280, "efficientnet_lite"),
     ],
 )
 def test_imagenet_backbones_have_published_sizes_and_the_shared_layout(
-    name, trainable_params, feature_dim
+    name, trainable_params, feature_dim, normalization
 ):
     model = create_model(name, 1000)
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable_params
     assert model.input_shape == (None, 224, 224, 3)
-    assert (model.layers[1].mean, model.layers[1].std) == CHANNEL_STATS["imagenet"]
+    assert (model.layers[1].mean, model.layers[1].std) == CHANNEL_STATS[normalization]
     assert model.get_layer("features").output.shape == (None, feature_dim)
     assert model.get_layer("classifier").kernel.shape == (feature_dim, 1000)
     if name != "vit_b16":  # same code as vit_s16, four times the cost
