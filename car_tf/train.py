@@ -12,6 +12,7 @@ report (report.json, per_class.csv, plots).
 from absl import flags
 
 from car_tf import cli
+from car_tf.data import sampling
 from car_tf.data.flags import define_data_flags, define_group_flags
 from car_tf.losses.registry import ALIASES, BASE_LOSSES
 from car_tf.training import config as run_config
@@ -40,6 +41,13 @@ flags.DEFINE_float(
     "Hold out this share of each class's training images (a fixed split, the same for every seed) "
     "and evaluate on it instead of the test split, which is then never read: for choosing "
     "hyper-parameters (python -m car_tf.search). Unset: train on all training images, evaluate on test.",
+)
+flags.DEFINE_enum(
+    "sampler", run_config.DataConfig.sampler, list(sampling.SAMPLERS),
+    "Which training images an epoch draws (Kang et al., ICLR 2020): instance (a shuffle, each image "
+    "once), class_balanced (each class equally often), square_root (classes in proportion to "
+    "sqrt(n_j)) or progressive (instance moving linearly to class_balanced over --epochs); the last "
+    "three draw with replacement, keyed by (--seed, epoch).",
 )
 flags.DEFINE_bool("randaugment", False, "Add RandAugment (2 ops, magnitude 10) to the training stream.")
 # Model.

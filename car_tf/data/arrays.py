@@ -13,15 +13,12 @@ import threading
 
 import numpy as np
 
+from car_tf.data import sampling
 from car_tf.data.recipes import CIFAR_PAD, steps_per_epoch
+from car_tf.data.sampling import epoch_rng  # noqa: F401  (this module's generators, by (seed, epoch))
 
 PREFETCH = 4  # batches prepared ahead of the training step
-_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
-
-
-def epoch_rng(seed, epoch, stream):
-    """The random generator of one (seed, epoch) and stream: the same numbers whenever it is made."""
-    return np.random.default_rng([int(seed), int(epoch), stream])
+_AUGMENT_STREAM = 1
 
 
 def pad_crop_flip(images, rng, pad=CIFAR_PAD):
@@ -39,25 +36,29 @@ def pad_crop_flip(images, rng, pad=CIFAR_PAD):
     return out
 
 
-def epoch_batches(data, *, batch_size, seed, epoch):
-    """The full batches of one training epoch: a shuffle keyed by (seed, epoch), then augmentation."""
+def epoch_batches(data, *, batch_size, seed, epoch, sampler="instance", epochs=1):
+    """The full batches of one training epoch (of ``epochs``): the samples ``sampler`` draws, keyed by
+    (seed, epoch) (car_tf.data.sampling; instance: a shuffle), then augmentation."""
     steps = steps_per_epoch(data, batch_size)
-    order = epoch_rng(seed, epoch, _ORDER_STREAM).permutation(data.size)[: steps * batch_size]
+    order = sampling.epoch_indices(data.labels, sampler, seed, epoch, epochs, steps * batch_size)
     augment_rng = epoch_rng(seed, epoch, _AUGMENT_STREAM)
     for step in range(steps):
         picked = order[step * batch_size : (step + 1) * batch_size]
         yield pad_crop_flip(data.images[picked], augment_rng), data.labels[picked]
 
 
-def train_batches(data, *, image_size, batch_size, seed, start_epoch=0, epochs=1):
-    """Shuffled, augmented full batches of epochs start_epoch .. epochs - 1, prepared in a thread."""
+def train_batches(data, *, image_size, batch_size, seed, start_epoch=0, epochs=1, sampler="instance"):
+    """Shuffled (or re-sampled: ``sampler``, car_tf.data.sampling), augmented full batches of epochs
+    start_epoch .. epochs - 1, prepared in a thread."""
     check_in_memory(data, image_size)
+    sampling.check_sampler(sampler)
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"start_epoch={start_epoch} must lie in [0, epochs={epochs}]; check the resume state.")
 
     def produce():
         for epoch in range(start_epoch, epochs):
-            yield from epoch_batches(data, batch_size=batch_size, seed=seed, epoch=epoch)
+            yield from epoch_batches(data, batch_size=batch_size, seed=seed, epoch=epoch, sampler=sampler,
+                                     epochs=epochs)
 
     return _prefetched(produce())
 

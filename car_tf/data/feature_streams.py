@@ -1,36 +1,39 @@
 """Input streams over cached backbone features (README, "The pretrained track").
 
 The same contract as the image streams (car_tf.data.streams): full training batches of
-(float32 features [B, D], int32 labels [B]) whose order in epoch e depends only on (seed, e), so
-a resumed run sees the batches of an uninterrupted one; evaluation batches in the data's order.
+(float32 features [B, D], int32 labels [B]) whose samples in epoch e depend only on (seed, e) (a
+shuffle, or the draws of a re-sampling family: car_tf.data.sampling), so a resumed run sees the
+batches of an uninterrupted one; evaluation batches in the data's order.
 No augmentation: the features of a frozen backbone are computed once, from unaugmented images.
 """
 
 import numpy as np
 
 from car_tf import backend
-from car_tf.data.arrays import epoch_rng
-
-_ORDER_STREAM = 0
+from car_tf.data import sampling
 
 
-def epoch_order(size, batch_size, seed, epoch):
-    """The sample indices of epoch ``epoch``'s full batches, concatenated."""
+def epoch_order(labels, batch_size, seed, epoch, *, sampler="instance", epochs=1):
+    """The sample indices of epoch ``epoch``'s (of ``epochs``) full batches, concatenated."""
+    size = len(labels)
     if batch_size < 1 or size < batch_size:
         raise ValueError(f"batch_size={batch_size} does not fit {size} training samples; "
                          "use a batch size between 1 and the number of samples.")
     steps = size // batch_size
-    return epoch_rng(seed, epoch, _ORDER_STREAM).permutation(size)[: steps * batch_size]
+    return sampling.epoch_indices(labels, sampler, seed, epoch, epochs, steps * batch_size)
 
 
-def training_stream(features, labels, *, batch_size, seed, start_epoch, epochs):
-    """Shuffled full batches of epochs start_epoch .. epochs - 1 (tf.data under TensorFlow)."""
+def training_stream(features, labels, *, batch_size, seed, start_epoch, epochs, sampler="instance"):
+    """Shuffled (or re-sampled: ``sampler``) full batches of epochs start_epoch .. epochs - 1
+    (tf.data under TensorFlow)."""
+    sampling.check_sampler(sampler)
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"start_epoch={start_epoch} must lie in [0, epochs={epochs}]; check the resume state.")
     features = np.asarray(features, np.float32)
     labels = np.asarray(labels, np.int32)
     order = np.concatenate(
-        [epoch_order(len(labels), batch_size, seed, e) for e in range(start_epoch, epochs)] or [np.zeros(0, int)]
+        [epoch_order(labels, batch_size, seed, e, sampler=sampler, epochs=epochs) for e in range(start_epoch, epochs)]
+        or [np.zeros(0, np.int64)]
     )
     if backend.is_tensorflow():
         import tensorflow as tf

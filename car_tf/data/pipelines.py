@@ -1,13 +1,16 @@
 """tf.data pipelines: resumable, deterministic training stream and ordered evaluation stream.
 
 Batches are (float32 images [B, H, W, 3] in [0, 255], int32 labels [B]). Epoch e of a training
-stream depends only on (seed, e): its order is a stateless permutation keyed by (seed, e), and
-each image's augmentation is keyed by (seed, e, position in the epoch). A run resumed with
+stream depends only on (seed, e): its order is a stateless permutation keyed by (seed, e) (or,
+with a re-sampling family, the draws car_tf.data.sampling keys by (seed, e)), and each image's
+augmentation is keyed by (seed, e, position in the epoch). A run resumed with
 start_epoch=e therefore sees exactly the batches an uninterrupted run sees.
 """
 
+import numpy as np
+
 from car_tf.backend import import_tensorflow
-from car_tf.data import augment
+from car_tf.data import augment, sampling
 from car_tf.data.recipes import DEFAULT_IMAGE_SIZE, RECIPES, resolve_image_size, steps_per_epoch  # noqa: F401
 
 tf = import_tensorflow(__name__)
@@ -27,6 +30,7 @@ def train_dataset(
     randaugment=False,
     skip_corrupt=False,
     batch_hook=None,
+    sampler="instance",
 ):
     """Shuffled, augmented full batches of epochs start_epoch .. epochs - 1, epoch after epoch.
 
@@ -35,8 +39,11 @@ def train_dataset(
     them (the epoch is refilled from a second pass so it keeps its steps); otherwise the first
     unreadable file stops the stream with an error naming it. batch_hook: a function
     ``(batches, start_epoch, steps_per_epoch) -> dataset`` applied to the stream of batches (the
-    ConCutMix stage, ``car_tf.concutmix.concutmix_batch_hook``).
+    ConCutMix stage, ``car_tf.concutmix.concutmix_batch_hook``). sampler: which samples an epoch
+    draws (car_tf.data.sampling.SAMPLERS): instance shuffles the data; the others draw each epoch's
+    steps * batch_size indices with car_tf.data.sampling.epoch_indices, keyed by (seed, epoch).
     """
+    sampling.check_sampler(sampler)
     image_size = resolve_image_size(recipe, image_size)
     if not 0 <= start_epoch <= epochs:
         raise ValueError(
@@ -58,12 +65,23 @@ def train_dataset(
             image = augment.randaugment(image, ra_key, randaugment)
         return tf.ensure_shape(image, [image_size, image_size, 3])
 
+    labels = np.asarray(data.labels)
+
+    def drawn(epoch):  # the NumPy draws of car_tf.data.sampling, those of the NumPy streams too
+        return sampling.epoch_indices(labels, sampler, seed, int(epoch), epochs, per_epoch)
+
+    def epoch_order(epoch, key):
+        if sampler == "instance":  # a stateless shuffle
+            return tf.random.experimental.stateless_shuffle(
+                tf.range(data.size, dtype=tf.int64),
+                seed=tf.random.experimental.stateless_fold_in(key, _ORDER_STREAM),
+            )
+        order = tf.numpy_function(drawn, [epoch], tf.int64, stateful=False)
+        return tf.ensure_shape(order, [per_epoch])
+
     def epoch_batches(epoch):
         key = tf.random.experimental.stateless_fold_in(base_key, epoch)
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(data.size, dtype=tf.int64),
-            seed=tf.random.experimental.stateless_fold_in(key, _ORDER_STREAM),
-        )
+        order = epoch_order(epoch, key)
         order = tf.concat([order, order], 0) if skip_corrupt else order[:per_epoch]
         augment_key = tf.random.experimental.stateless_fold_in(key, _AUGMENT_STREAM)
 

@@ -34,22 +34,23 @@ def prepare(train, test, recipe, image_size):
 
 
 def training_stream(data, *, recipe, image_size, batch_size, seed, start_epoch, epochs, randaugment=False,
-                    skip_corrupt=False, batch_hook=None):
-    """Shuffled, augmented full batches of epochs start_epoch .. epochs - 1 (see train_dataset)."""
+                    skip_corrupt=False, batch_hook=None, sampler="instance"):
+    """Shuffled (or re-sampled: ``sampler``, car_tf.data.sampling), augmented full batches of epochs
+    start_epoch .. epochs - 1 (see train_dataset)."""
     if backend.is_tensorflow():
         from car_tf.data import pipelines
 
         return pipelines.train_dataset(
             data, recipe=recipe, image_size=image_size, batch_size=batch_size, seed=seed,
             start_epoch=start_epoch, epochs=epochs, randaugment=randaugment, skip_corrupt=skip_corrupt,
-            batch_hook=batch_hook,
+            batch_hook=batch_hook, sampler=sampler,
         )
     check_options(randaugment)
     if batch_hook is not None:
         raise ValueError(f"this method changes the training batches with tf.data; under KERAS_BACKEND="
                          f"{keras_backend()} it cannot run: use the TensorFlow backend.")
     return arrays.train_batches(data, image_size=image_size, batch_size=batch_size, seed=seed,
-                                start_epoch=start_epoch, epochs=epochs)
+                                start_epoch=start_epoch, epochs=epochs, sampler=sampler)
 
 
 def check_options(randaugment):

@@ -8,7 +8,7 @@ configuration holds them under ``methods`` by method name.
 
 import dataclasses
 
-from car_tf.data import longtail
+from car_tf.data import longtail, sampling
 from car_tf.losses.registry import ALIASES, BASE_LOSSES
 
 
@@ -42,6 +42,7 @@ class DataConfig:
     skip_corrupt: bool = False
     randaugment: bool = False
     validation_fraction: float | None = None
+    sampler: str = "instance"  # car_tf.data.sampling.SAMPLERS: which training samples an epoch draws
     # Groups of the per-class report: many > many_threshold training images, few < few_threshold.
     many_threshold: int = longtail.MANY_ABOVE
     few_threshold: int = longtail.FEW_BELOW
@@ -52,6 +53,8 @@ class DataConfig:
                 f"--validation_fraction={self.validation_fraction} must lie strictly between 0 and 1 "
                 "(0.2 holds out a fifth of each class); leave it unset to evaluate on the test split."
             )
+        if self.sampler not in sampling.SAMPLERS:
+            raise ValueError(f"--sampler={self.sampler!r} is not known; use one of {', '.join(sampling.SAMPLERS)}.")
         longtail.check_group_thresholds(self.many_threshold, self.few_threshold)
 
     def group_thresholds(self):

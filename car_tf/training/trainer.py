@@ -128,7 +128,8 @@ def build_streams(config, network, train_data, test_data, *, hook, **stream):
         test_x, test_y = cached_features(network, test_data, recipe=recipe, image_size=image_size, split="test")
     return Streams(
         train=feature_streams.training_stream(train_x, train_y, batch_size=batch_size, seed=stream["seed"],
-                                              start_epoch=stream["start_epoch"], epochs=stream["epochs"]),
+                                              start_epoch=stream["start_epoch"], epochs=stream["epochs"],
+                                              sampler=config.data.sampler),
         test=feature_streams.EvaluationBatches(test_x, test_y, batch_size),
         train_eval=lambda: feature_streams.EvaluationBatches(train_x, train_y, batch_size),
     )
@@ -331,6 +332,7 @@ def train(config):
         epochs=epochs,
         randaugment=config.data.randaugment,
         skip_corrupt=config.data.skip_corrupt,
+        sampler=config.data.sampler,
     )
     hooks = [h for method, settings in active if (h := method.batch_hook(settings, train_data, stream))]
     if len(hooks) > 1:
