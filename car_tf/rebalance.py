@@ -28,6 +28,7 @@ from absl import flags, logging
 
 from car_tf import cli
 
+from car_tf.data import sampling
 from car_tf.data.flags import base_run_data_flags, define_data_flags
 from car_tf.data.loading import VALIDATION_SEED, load_datasets
 from car_tf.data.longtail import stratified_split
@@ -72,29 +73,16 @@ def adjusted_bias(bias, counts, tau):
     return (bias - tau * np.log(prior)).astype(np.float32)
 
 
-def class_balanced_indices(labels, count, rng):
-    """``count`` sample indices: a uniform class, then a uniform sample of it, each time."""
-    labels = np.asarray(labels)
-    members = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
-    classes = rng.choice([c for c, m in enumerate(members) if len(m)], size=count)
-    picks = np.empty(count, np.int64)
-    for c in np.unique(classes):
-        where = classes == c
-        picks[where] = members[c][rng.integers(len(members[c]), size=int(where.sum()))]
-    return picks
-
-
 def train_crt(features, labels, num_classes, *, epochs, lr, batch_size, seed):
     """(kernel [D, K], bias [K]) of a linear classifier trained from scratch with class-balanced batches."""
     keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
     steps = max(1, len(labels) // batch_size)
     head = keras.Sequential([keras.Input(features.shape[1:]), keras.layers.Dense(num_classes)])
     schedule = keras.optimizers.schedules.CosineDecay(lr, epochs * steps)
     head.compile(keras.optimizers.SGD(schedule, momentum=0.9),
                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     for epoch in range(epochs):
-        picks = class_balanced_indices(labels, steps * batch_size, rng)
+        picks = sampling.epoch_indices(labels, "class_balanced", seed, epoch, epochs, steps * batch_size)
         head.fit(features[picks], labels[picks], batch_size=batch_size, initial_epoch=epoch, epochs=epoch + 1,
                  shuffle=False, verbose=0)
     kernel, bias = head.layers[-1].get_weights()

@@ -255,3 +255,16 @@ def test_a_frozen_backbone_run_trains_on_the_sampled_feature_stream(tiny_folder,
                      "--sampler=progressive")
     train_cli.train_and_evaluate(parse(args))
     assert draws == [("progressive", e, 3) for e in range(3)]
+
+
+def test_a_progressive_run_cannot_be_extended_since_its_draws_depend_on_the_length():
+    from car_tf.training import config as run_config
+    from car_tf.training import trainer
+
+    def extendable(sampler):
+        config = run_config.TrainConfig(
+            run=run_config.RunConfig(model_dir="unused"), data=run_config.DataConfig(sampler=sampler),
+            optimizer=run_config.OptimizerConfig(epochs=6, lr_schedule="constant", warmup_epochs=0))
+        return trainer.done_epochs_unchanged(config, "ce", stored_epochs=3, steps=4, epochs_done=3)
+
+    assert extendable("class_balanced") and not extendable("progressive")
