@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_feature_extraction [--sizes=96,128,160] [--rounds=5]
 
-For EfficientNet-Lite0 at each image size: images per second of the frozen backbone over batches
-of 64 (the feature cache's batch), as car_tf runs it (a tf.function) and compiled with XLA
-(jit_compile=True); the multiply-adds per image counted from the layers' shapes (2 FLOPs each);
+For EfficientNet-Lite0 at each image size: images per second of the frozen backbone as car_tf runs
+it (a tf.function) at several batch sizes, and compiled with XLA (jit_compile=True) at batch 64;
+the multiply-adds per image counted from the layers' shapes (2 FLOPs each);
 and a float32 matrix product's rate on this machine (2048 x 2048 x 2048), the dense-compute
 ceiling. Rounds are interleaved and medians taken. Prints a markdown table.
 """
@@ -16,9 +16,10 @@ from absl import app, flags
 
 flags.DEFINE_list("sizes", ["96", "128", "160"], "Image sides to measure.")
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the table gives medians.")
-flags.DEFINE_integer("batches", 4, "Batches of 64 timed per round and variant.")
+flags.DEFINE_list("batch_sizes", ["16", "32", "64", "128"], "Batch sizes of the tf.function variant.")
+flags.DEFINE_float("seconds", 3.0, "Seconds timed per round and variant.")
 FLAGS = flags.FLAGS
-BATCH = 64
+XLA_BATCH = 64
 
 
 def conv_flops(model):
@@ -58,29 +59,34 @@ def main(argv):
         extractor = features_model(create_model("efficientnet_lite0", 10, input_shape=(size, size, 3),
                                                 weights="imagenet"), with_logits=False)
         flops[size] = conv_flops(extractor)
-        images = tf.random.uniform([BATCH, size, size, 3], 0, 255)
-        for jit in (False, True):
-            call = tf.function(lambda x, m=extractor: m(x, training=False), jit_compile=jit)
+        plain = tf.function(lambda x, m=extractor: m(x, training=False))
+        xla = tf.function(lambda x, m=extractor: m(x, training=False), jit_compile=True)
+        runs = [(batch, False, plain) for batch in map(int, FLAGS.batch_sizes)] + [(XLA_BATCH, True, xla)]
+        for batch, jit, call in runs:
+            images = tf.random.uniform([batch, size, size, 3], 0, 255)
             call(images).numpy()  # trace and compile outside the timing
-            variants[(size, jit)] = (call, images)
-    times = {key: [] for key in variants}
-    rates = []
+            variants[(size, batch, jit)] = (call, images)
+    rates, speeds = [], {key: [] for key in variants}
     for _ in range(FLAGS.rounds):
         rates.append(matmul_gflops(tf))
         for key, (call, images) in variants.items():
-            start = time.perf_counter()
-            for _ in range(FLAGS.batches):
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < FLAGS.seconds:
                 call(images).numpy()
-            times[key].append((time.perf_counter() - start) / (FLAGS.batches * BATCH))
+                count += len(images)
+            speeds[key].append(count / (time.perf_counter() - start))
     peak = float(np.median(rates))
     print(f"float32 matmul 2048^3: {peak:.0f} GFLOP/s (median of {FLAGS.rounds})\n")
-    print("| image side | GFLOPs / image | tf.function img/s | XLA img/s | GFLOP/s of the faster | share of matmul rate |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    batches = [int(b) for b in FLAGS.batch_sizes]
+    print("| image side | GFLOPs / image | " + " | ".join(f"img/s, batch {b}" for b in batches)
+          + f" | img/s, XLA batch {XLA_BATCH} | best GFLOP/s | share of matmul rate |")
+    print("| --- | --- |" + " --- |" * (len(batches) + 3))
     for size in map(int, FLAGS.sizes):
-        plain, xla = (1 / np.median(times[(size, jit)]) for jit in (False, True))
-        achieved = max(plain, xla) * flops[size] / 1e9
-        print(f"| {size} | {flops[size] / 1e9:.3f} | {plain:.0f} | {xla:.0f} | {achieved:.1f} | "
-              f"{100 * achieved / peak:.0f} % |")
+        plain = [float(np.median(speeds[(size, b, False)])) for b in batches]
+        xla = float(np.median(speeds[(size, XLA_BATCH, True)]))
+        achieved = max(*plain, xla) * flops[size] / 1e9
+        print(f"| {size} | {flops[size] / 1e9:.3f} | " + " | ".join(f"{v:.0f}" for v in plain)
+              + f" | {xla:.0f} | {achieved:.1f} | {100 * achieved / peak:.0f} % |")
 
 
 if __name__ == "__main__":
