@@ -6,11 +6,18 @@ import keras
 
 
 class NaNGuard(keras.callbacks.Callback):
-    """Stops a run whose loss turns NaN or Inf with one sentence saying what to do."""
+    """Stops a run whose loss turns NaN or Inf with one sentence saying what to do.
 
-    def __init__(self, checkpoint_dir):
+    A run's flags cannot change when it resumes (car_tf.training.run_directory), so the advice is
+    to start over with a lower learning rate: with ``--overwrite``, or in a new ``--model_dir``.
+
+    Args:
+        run_dir: the run directory (``--model_dir``), named in the advice.
+    """
+
+    def __init__(self, run_dir):
         super().__init__()
-        self.checkpoint_dir = checkpoint_dir
+        self.run_dir = run_dir
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -21,6 +28,6 @@ class NaNGuard(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             raise FloatingPointError(
                 f"the training loss became {float(loss)} at epoch {self.epoch}, step {batch}; "
-                f"lower --lr (or enable warm-up) and rerun: the run resumes from the last good "
-                f"checkpoint in {self.checkpoint_dir}."
+                f"lower --lr (or raise --warmup_epochs) and start the run over: rerun with the lower "
+                f"--lr and --overwrite to replace {self.run_dir}, or pass a new --model_dir."
             )

@@ -8,6 +8,7 @@ it before anything is written.
 
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
@@ -227,6 +228,22 @@ def trim_logs_to(write_dir, epochs_done):
             record.unlink()
 
 
+def check_evaluation_data(config, train_data, test_data):
+    """Refuses, before anything is written, a run with nothing to evaluate on."""
+    if test_data.size:
+        return
+    fraction = config.data.validation_fraction
+    if not fraction:
+        raise ValueError("the test split holds no image; check --data_dir and --test_list.")
+    largest = int(max(train_data.counts()))
+    if largest < 2:
+        raise ValueError(f"--validation_fraction={fraction} cannot hold out any image: every class has a single "
+                         "training image, which it must keep; drop --validation_fraction.")
+    enough = max(0.1, math.ceil(100 / largest) / 100)
+    raise ValueError(f"--validation_fraction={fraction} holds out no image (round({fraction} x n) of each class's n "
+                     f"training images, and the largest class has {largest}); raise it, e.g. to {enough}.")
+
+
 def check_frozen_backbone(config, active):
     """Refuses, before anything is written, what a head trained on cached features cannot do."""
     if not config.model.frozen_backbone:
@@ -247,7 +264,20 @@ def check_frozen_backbone(config, active):
 
 
 def train(config):
-    """Runs (or resumes) the training ``config`` (a TrainConfig) describes; returns the test report."""
+    """Runs (or resumes) the training ``config`` (a TrainConfig) describes; returns the test report.
+
+    The process that writes the run directory holds its lock (train.lock) meanwhile, so a second
+    command in it is refused; a multi-worker run's other workers write below it, unlocked.
+    """
+    if not distribute.is_chief():
+        return train_in_locked_directory(config)
+    with run_directory.training_lock(config.run.model_dir):
+        return train_in_locked_directory(config)
+
+
+def train_in_locked_directory(config):
+    """``train``, once the run directory is locked. Everything the command asks is checked (flags,
+    the run's record, the data, the model) before the run directory is changed."""
     run = config.run
     run_dir = pathlib.Path(run.model_dir)
     chief = distribute.is_chief()
@@ -260,9 +290,9 @@ def train(config):
     streams.check_options(config.data.randaugment)
     check_frozen_backbone(config, active)
     if run.overwrite and chief:
-        run_directory.start_over(run_dir)
+        run_directory.check_start_over(run_dir)  # refuses a folder holding other files; deletes later
     current = config.flag_values()
-    stored = run_directory.read_flagfile(run_dir)
+    stored = None if run.overwrite else run_directory.read_flagfile(run_dir)
     differing = []
     if stored is not None:  # refuse a different experiment before loading any data
         defaults = run_config.TrainConfig(run=run_config.RunConfig(model_dir=run.model_dir)).flag_values()
@@ -279,6 +309,7 @@ def train(config):
     checkpoint_dir = write_dir / "checkpoints"
 
     train_data, test_data, recipe, image_size = load_datasets(config.data)
+    check_evaluation_data(config, train_data, test_data)
     train_data, test_data = streams.prepare(train_data, test_data, recipe, image_size)
     counts = train_data.counts()
     batch_size, epochs = config.optimizer.batch_size, config.optimizer.epochs
@@ -316,12 +347,9 @@ def train(config):
         )
         callbacks = [c for method, settings in active for c in method.attach(settings, model, loss)]
         model.optimizer.build(model.trainable_variables)
-    if chief and (stored is None or differing):
-        write_run_files(run_dir, config, base_loss, train_data, recipe, image_size, network, extended_from)
-    initial_epoch = checkpointing.restore(model, checkpoint_dir)
+    initial_epoch = 0 if run.overwrite else checkpointing.restore(model, checkpoint_dir)
     if initial_epoch:
         logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)
-    trim_logs_to(write_dir, initial_epoch)
 
     stream = dict(
         recipe=recipe,
@@ -338,6 +366,12 @@ def train(config):
     if len(hooks) > 1:
         raise ValueError("only one of the run's methods may change the training batches; drop one of them.")
     run_streams = build_streams(config, network, train_data, test_data, hook=hooks[0] if hooks else None, **stream)
+    # Everything is checked: only now is the run directory changed.
+    if run.overwrite and chief:
+        run_directory.start_over(run_dir)
+    if chief and (stored is None or differing):
+        write_run_files(run_dir, config, base_loss, train_data, recipe, image_size, network, extended_from)
+    trim_logs_to(write_dir, initial_epoch)
     train_ds, test_ds = run_streams.train, run_streams.test
     distribute.prepare_for_multi_worker(model, strategy, train_ds)
     callbacks += callbacks_for_loss(loss, epochs)
@@ -346,7 +380,7 @@ def train(config):
                                     **config.data.group_thresholds())
     callbacks += [
         evaluation,
-        NaNGuard(checkpoint_dir),
+        NaNGuard(run_dir),
         keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
         *([keras.callbacks.TensorBoard(str(write_dir / "tb"))] if backend.is_tensorflow() else []),  # tf.summary
         # Last: an epoch's records are complete before its checkpoint makes it count as done.
