@@ -49,20 +49,22 @@ def build_schedule(config, steps_per_epoch, epochs):
 def build_optimizer(config, steps_per_epoch, classifier):
     """The run's optimizer; with fine-tuning controls, one that treats the backbone apart."""
     opt = config.optimizer
-    schedule = build_schedule(config, steps_per_epoch, opt.epochs)
+    schedule = build_schedule(config, steps_per_epoch, opt.epochs)  # counts batches, not updates (schedules.py)
+    accumulation = optimizers.accumulation_options(opt.gradient_accumulation_steps)
     if opt.freeze_backbone_epochs or opt.backbone_lr_multiplier != 1.0:
         fine_tuning = dict(
             backbone_variables=optimizers.backbone_variable_paths(classifier),
             backbone_lr_multiplier=opt.backbone_lr_multiplier,
             freeze_steps=opt.freeze_backbone_epochs * steps_per_epoch,
             weight_decay=opt.weight_decay,
+            **accumulation,
         )
         if opt.optimizer == "adamw":
             return optimizers.FineTuningAdamW(schedule, **fine_tuning)
         return optimizers.FineTuningSGD(schedule, momentum=opt.momentum, **fine_tuning)
     if opt.optimizer == "adamw":
-        return keras.optimizers.AdamW(schedule, weight_decay=opt.weight_decay)
-    return keras.optimizers.SGD(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        return keras.optimizers.AdamW(schedule, weight_decay=opt.weight_decay, **accumulation)
+    return keras.optimizers.SGD(schedule, momentum=opt.momentum, weight_decay=opt.weight_decay, **accumulation)
 
 
 def classifier_head(config, active, base_loss):
@@ -79,7 +81,7 @@ def build_network(config, active, base_loss, num_classes, image_size):
     if head != config.model.head:
         logging.info("This method needs a %s classifier (scale %s): using it.", head, scale)
     options = {"patch_size": config.model.patch_size} if config.model.patch_size else {}
-    return create_model(
+    network = create_model(
         config.model.model,
         num_classes,
         input_shape=(image_size, image_size, 3),
@@ -88,6 +90,20 @@ def build_network(config, active, base_loss, num_classes, image_size):
         weights=config.model.pretrained,
         **options,
     )
+    if config.model.unfreeze_from:
+        freeze_before(network, config.model.unfreeze_from)
+    return network
+
+
+def freeze_before(network, layer_name):
+    """Makes the layers before ``layer_name`` non-trainable (batch norms then run in inference mode)."""
+    names = [layer.name for layer in network.layers]
+    if layer_name not in names[: names.index("features")]:
+        backbone = [n for n in names[: names.index("features")] if network.get_layer(n).weights]
+        raise ValueError(f"--unfreeze_from={layer_name} names no backbone layer of {network.name}; pass one "
+                         f"of its layer names, e.g. {', '.join(backbone[-3:])} (the last ones).")
+    for layer in network.layers[: names.index(layer_name)]:
+        layer.trainable = False
 
 
 def build_classifier(config, active, network):
@@ -150,9 +166,12 @@ def build_loss(config, active, base_loss, counts):
 def done_epochs_unchanged(config, base_loss, stored_epochs, steps, epochs_done):
     """True when epochs 0 .. epochs_done - 1 see the same schedule in a run of the configured length.
 
-    The learning rate of every step already taken, and LDAM-DRW's re-weighting, must not depend on
-    the run's length: true of step and constant schedules, not of a cosine one.
+    The learning rate of every step already taken, LDAM-DRW's re-weighting and the sampler's
+    draws must not depend on the run's length: true of step and constant schedules, not of a
+    cosine one nor of the progressive sampler.
     """
+    if config.data.sampler == "progressive" and epochs_done and stored_epochs != config.optimizer.epochs:
+        return False
     taken = np.arange(epochs_done * steps)
     old = np.asarray(build_schedule(config, steps, stored_epochs)(taken))
     new = np.asarray(build_schedule(config, steps, config.optimizer.epochs)(taken))
@@ -173,7 +192,7 @@ def check_extension(config, base_loss, run_dir, stored, steps, epochs_done):
     if not done_epochs_unchanged(config, base_loss, stored_epochs, steps, epochs_done):
         reason = (
             f": a longer run would change the schedule of the {epochs_done} epochs already trained "
-            f"(--lr_schedule={config.optimizer.lr_schedule}"
+            f"(--lr_schedule={config.optimizer.lr_schedule}, --sampler={config.data.sampler}"
             f"{', LDAM-DRW re-weighting' if base_loss == 'ldam_drw' else ''})"
         )
         raise run_directory.conflict(run_dir, stored, current, ["epochs"], reason)
@@ -195,6 +214,7 @@ def write_run_files(run_dir, config, base_loss, train, recipe, image_size, class
         "base_loss": base_loss,
         "methods": [method.name for method, _ in methods.active_methods(config)],
         "epochs": config.optimizer.epochs,
+        "effective_batch_size": config.optimizer.batch_size * config.optimizer.gradient_accumulation_steps,
         "epochs_extended_from": list(extended_from),
         "pretrained": config.model.pretrained,
         "keras_backend": keras.backend.backend(),
@@ -250,6 +270,7 @@ def check_frozen_backbone(config, active):
         return
     opt = config.optimizer
     clashing = [f"--{name}" for name, on in [
+        ("unfreeze_from", config.model.unfreeze_from),
         ("randaugment", config.data.randaugment),
         ("freeze_backbone_epochs", opt.freeze_backbone_epochs),
         ("backbone_lr_multiplier", opt.backbone_lr_multiplier != 1.0),
@@ -403,6 +424,15 @@ def train_in_locked_directory(config):
                   evaluation.last_report)
 
 
+def with_head_of(network, head):
+    """``network`` (images -> logits) with the weights of ``head``'s layers after its features."""
+    names = [layer.name for layer in network.layers]
+    for layer in network.layers[names.index("features") + 1 :]:
+        if layer.weights:
+            layer.set_weights(head.get_layer(layer.name).get_weights())
+    return keras.Model(network.inputs, network.outputs, name=network.name)
+
+
 def finish(config, active, network, classifier, train_data, test_data, run_streams, write_dir, report=None):
     """Saves the deployable model (images -> logits) as model.keras and writes the final per-class
     report (computed if not given) of what the run trained, ``classifier``, on its streams.
@@ -412,7 +442,7 @@ def finish(config, active, network, classifier, train_data, test_data, run_strea
     trained = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)  # no training wrapper
     serving = trained
     if config.model.frozen_backbone:  # the backbone under the trained head: images -> logits
-        serving = keras.Model(network.inputs, trained(network.get_layer("features").output), name=network.name)
+        serving = with_head_of(network, trained)
     serving.save(str(write_dir / "model.keras"))
     counts = train_data.counts()
     predictor = KerasPredictor(trained)
