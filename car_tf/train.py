@@ -86,6 +86,12 @@ flags.DEFINE_float(
 # Optimisation.
 flags.DEFINE_integer("epochs", 200, "Training epochs.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size (split across replicas).")
+flags.DEFINE_integer(
+    "gradient_accumulation_steps", run_config.OptimizerConfig.gradient_accumulation_steps,
+    "Update the weights once per N batches with their mean gradient: an effective batch of N x --batch_size "
+    "(a multi-GPU recipe's batch on one GPU; --lr is the effective batch's). Batch norm and CAR's EMA still "
+    "update every batch; the learning-rate schedule still counts epochs.",
+)
 flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "Optimizer.")
 flags.DEFINE_float("lr", 0.1, "Peak learning rate.")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")

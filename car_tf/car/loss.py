@@ -32,6 +32,16 @@ EMA_INITS = ("first_batch", "zeros")
 class CARLoss(keras.losses.Loss):
     """Confusion-Aware Spectral Regularizer added to a base loss.
 
+    Gradient accumulation (an optimizer with ``gradient_accumulation_steps=N``, ``python -m
+    car_tf.train --gradient_accumulation_steps=N``): every batch is a training step, so the EMA
+    takes one update per batch (micro-batch), Cbar_t = beta Cbar_{t-1} + (1 - beta) C_t, and each
+    batch's penalty sigma_max(Cbar_t diag(w)) is taken after its own update, with its gradient
+    through C_t as without accumulation. The optimizer sums these gradients, the base loss's
+    included, over the N batches and updates the weights once with their mean; all N batches are
+    scored with the weights of the last update. The EMA's memory, about 1 / (1 - beta) steps,
+    therefore counts batches, not updates: with beta = 0.9 and N = 4 it spans about 10 batches,
+    i.e. 2.5 updates.
+
     Args:
         class_counts: training images per class (length K, all positive).
         base: name of a base loss ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax",

@@ -81,6 +81,9 @@ class OptimizerConfig:
 
     epochs: int = 200
     batch_size: int = 128
+    # The optimizer updates once per N batches with their mean gradient: an effective batch of
+    # N * batch_size on the memory of one batch (README, "Gradient accumulation").
+    gradient_accumulation_steps: int = 1
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -96,6 +99,11 @@ class OptimizerConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"--epochs={self.epochs} and --batch_size={self.batch_size} must both be at least 1."
+            )
+        if not self.gradient_accumulation_steps >= 1:
+            raise ValueError(
+                f"--gradient_accumulation_steps={self.gradient_accumulation_steps} must be at least 1 (1 updates "
+                "the weights after every batch, N after every N batches: an effective batch of N x --batch_size)."
             )
         if self.warmup_epochs < 0 or self.freeze_backbone_epochs < 0 or self.backbone_lr_multiplier < 0:
             raise ValueError(

@@ -8,6 +8,14 @@ optimizer's step counter, which checkpoints carry, so a resumed run continues it
 
 While frozen the backbone's weights do not move, but its BatchNorm layers still run in training
 mode and keep updating their moving statistics on the new data.
+
+Gradient accumulation (``gradient_accumulation_steps=N``, ``accumulation_options``): Keras's
+optimizers add up the gradients of N batches and update once with their mean, so N batches of B
+give the update of one batch of N * B (for a loss that averages over its batch). Keras evaluates a
+learning-rate schedule at its count of batches, not of updates: a schedule written in batches per
+epoch (car_tf.training.schedules) keeps its epochs, and the update closing batches kN .. kN + N - 1
+takes the rate of batch kN + N - 1, which is the rate of update k of a run at batch N * B when N
+divides the batches per epoch. ``freeze_steps`` counts batches the same way.
 """
 
 import keras
@@ -45,7 +53,9 @@ class _BackboneLearningRate:
     def update_step(self, gradient, variable, learning_rate):
         learning_rate = ops.cast(learning_rate, variable.dtype)
         if self._in_backbone[optimizer_variable_index(self, variable)]:
-            frozen = ops.less(self.iterations, self.freeze_steps)
+            # ``iterations`` counts updates; the update's last batch, as the schedule counts batches.
+            n = self.gradient_accumulation_steps or 1
+            frozen = ops.less(self.iterations * n + (n - 1), self.freeze_steps)
             multiplier = ops.where(frozen, 0.0, self.backbone_lr_multiplier)
             learning_rate = learning_rate * ops.cast(multiplier, variable.dtype)
         if self.decoupled_weight_decay:
@@ -70,7 +80,8 @@ class FineTuningSGD(_BackboneLearningRate, keras.optimizers.SGD):
     Args:
         backbone_variables: paths of the backbone's variables (``backbone_variable_paths(model)``).
         backbone_lr_multiplier: the backbone's learning rate relative to the head's.
-        freeze_steps: steps during which the backbone does not move (its multiplier is 0).
+        freeze_steps: batches during which the backbone does not move (its multiplier is 0); with
+            gradient accumulation, an update is frozen when its last batch is one of them.
         weight_decay: decoupled weight decay, scaled like the learning rate.
         Other arguments as keras.optimizers.SGD.
     """
@@ -82,6 +93,17 @@ class FineTuningAdamW(_BackboneLearningRate, keras.optimizers.Adam):
 
     Arguments as FineTuningSGD, other arguments as keras.optimizers.Adam.
     """
+
+
+def accumulation_options(steps):
+    """Keyword arguments of a Keras optimizer that updates once per ``steps`` batches (see above).
+
+    Keras refuses ``gradient_accumulation_steps=1``; 1 means no accumulation, i.e. no argument.
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"gradient_accumulation_steps={steps} must be at least 1 (1: update after every batch).")
+    return {"gradient_accumulation_steps": steps} if steps > 1 else {}
 
 
 def backbone_variable_paths(model):
