@@ -223,8 +223,10 @@ def test_layers_are_named_by_stage_and_every_backbone_weight_is_loaded():
         efficientnet_lite.last_stages_layers(model, 0)
 
 
-def test_torch_free_reader_matches_torch_load_and_admits_nothing_else(state_dict, tmp_path):
-    read = efficientnet_lite._read_legacy_state_dict(efficientnet_lite.packaged_state_dict_path())
+def test_torch_free_reader_matches_torch_load_and_admits_nothing_else(monkeypatch, state_dict, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # read_state_dict falls back on its own reader
+    read = efficientnet_lite.read_state_dict()
+    monkeypatch.undo()
     assert list(read) == list(state_dict) and len(read) == 296
     for key, value in state_dict.items():
         assert read[key].dtype == value.numpy().dtype, key
