@@ -55,6 +55,12 @@ flags.DEFINE_string("model", "resnet32", "Backbone name (car_tf.models.list_mode
 flags.DEFINE_enum("head", "linear", ["linear", "cosine"], "Classifier head.")
 flags.DEFINE_float("cosine_scale", 30.0, "Scale s of the cosine head.")
 flags.DEFINE_integer("patch_size", 0, "ViT patch size (0: the model's default of 16).")
+flags.DEFINE_integer(
+    "lora_rank", run_config.ModelConfig.lora_rank,
+    "LoRA (Hu et al., ICLR 2022) of this rank on the backbone's Dense/EinsumDense layers (vit_s16, vit_b16: "
+    "all of them; --model=keras_hub: its attention query and value layers): only the adapters and the head "
+    "train. 0: off. model.keras loads as the merged network; python -m export writes it as a plain one.",
+)
 flags.DEFINE_string(
     "pretrained", None,
     "Weights to fine-tune from: a .weights.h5 file of the same --model; with --model=keras_hub a "

@@ -3,7 +3,9 @@
 Writes RUN/export/saved_model (serving signature: uint8 images of any size -> probabilities,
 top_k_classes, top_k_names) and/or RUN/export/model.onnx (float32 [None, S, S, 3] -> logits),
 checks each against the Keras model on real images at batch sizes 1 and 32, and writes
-export.json with the measured differences.
+export.json with the measured differences. A LoRA model (--lora_rank) is exported as the plain
+network, its adapters merged into their kernels (car_tf.models.lora.merged_copy), and checked
+against the model with its adapters.
 """
 
 import json
@@ -22,7 +24,7 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
     from car_tf.evaluation.predictors import RUN_MODEL_FILE, SavedModelPredictor, load_keras_model, read_run_info
     from export.onnx_export import check_opset, export_onnx
     from export.parity import check_parity, parity_images
-    from export.saved_model import serving_recipe, deployable_model, export_serving_saved_model
+    from export.saved_model import serving_recipe, deployable_model, export_serving_saved_model, parity_reference
 
     if export_format not in FORMATS:
         raise ValueError(f"unknown export format {export_format!r}; pass one of {', '.join(FORMATS)}.")
@@ -33,7 +35,9 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
     model_file = model_dir / RUN_MODEL_FILE
     if not model_file.is_file():
         raise ValueError(f"{model_file} does not exist; finish training the run (or point at another run).")
-    model = deployable_model(load_keras_model(model_file))
+    trained = load_keras_model(model_file)
+    model = deployable_model(trained)  # LoRA adapters merged: a plain network
+    reference = parity_reference(trained, model)  # what the exports are checked against
     image_size = int(run_info.get("image_size") or model.input_shape[1])
     class_names = run_info.get("class_names") or [str(i) for i in range(model.output_shape[-1])]
     recipe = recipe or serving_recipe(image_size, run_info)
@@ -42,7 +46,7 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
     images = parity_images(model_dir, image_size, recipe, parity_image_dir)
 
     def keras_logits(x):
-        return model(x.astype(np.float32), training=False)
+        return reference(x.astype(np.float32), training=False)
 
     summary = {"model_dir": str(model_dir), "image_size": image_size, "recipe": recipe,
                "parity_images": int(len(images))}
@@ -55,7 +59,7 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
         summary["saved_model"] = {"path": str(path), "max_abs_diff_probabilities": differences}
     if export_format in ("onnx", "both"):
         path = output_dir / "model.onnx"
-        differences = export_onnx(model, path, images, opset, class_names, atol, recipe)
+        differences = export_onnx(model, path, images, opset, class_names, atol, recipe, reference=reference)
         summary["onnx"] = {"path": str(path), "opset": int(opset), "max_abs_diff_logits": differences}
     (output_dir / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

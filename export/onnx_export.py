@@ -60,17 +60,21 @@ def convert_to_onnx(model, path, image_size, opset=DEFAULT_OPSET, class_names=No
     return path
 
 
-def export_onnx(model, path, images, opset=DEFAULT_OPSET, class_names=None, atol=1e-4, recipe="cifar"):
+def export_onnx(model, path, images, opset=DEFAULT_OPSET, class_names=None, atol=1e-4, recipe="cifar",
+                reference=None):
     """Converts to ONNX, then checks onnxruntime against Keras on ``images`` at batch sizes 1 and 32.
 
-    ``model`` must be the float32 deployable model; ``images`` uint8 [n, S, S, 3]. Returns the max
-    absolute logit difference per batch size; raises ExportParityError above ``atol``.
+    ``model`` must be the float32 deployable model; ``images`` uint8 [n, S, S, 3]; ``reference``
+    the Keras model to compare with (default ``model``; the LoRA model ``model`` was merged from,
+    say). Returns the max absolute logit difference per batch size; raises ExportParityError above
+    ``atol``.
     """
+    reference = model if reference is None else reference
     image_size = int(images.shape[1])
     convert_to_onnx(model, path, image_size, opset, class_names, recipe)
     predictor = OnnxPredictor(path)
     return check_parity(
-        lambda x: model(x.astype(np.float32), training=False),
+        lambda x: reference(x.astype(np.float32), training=False),
         predictor.predict,
         images,
         what=f"ONNX file {path}",

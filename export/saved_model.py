@@ -7,6 +7,7 @@ from car_tf.data.augment import resize_center_crop, resize_to
 from car_tf.data.loading import SMALL_IMAGE_MAX, recipe_for
 from car_tf.data.pipelines import RECIPES
 from car_tf.evaluation.predictors import inference_model
+from car_tf.models.lora import merged_copy
 
 tf = import_tensorflow(__name__)
 
@@ -69,8 +70,17 @@ def float32_copy(model):
 
 
 def deployable_model(model):
-    """The float32 image -> logits network of a trained model (training wrappers removed)."""
-    return float32_copy(inference_model(model))
+    """The float32 image -> logits network of a trained model (training wrappers removed, LoRA
+    adapters merged into their kernels: car_tf.models.lora.merged_copy)."""
+    return float32_copy(merged_copy(inference_model(model)))
+
+
+def parity_reference(model, deployable):
+    """What the export of ``deployable = deployable_model(model)`` is checked against: the trained
+    network itself where it computes in float32 (LoRA adapters unmerged, so the check covers the
+    merge), else ``deployable``."""
+    trained = inference_model(model)
+    return trained if is_float32(trained) else deployable
 
 
 def serving_preprocess(images, image_size, recipe):

@@ -9,7 +9,9 @@
 
 The backbones are the ecosystem's own models, nested in car_tf's functional model between its
 PixelNormalization and the "features" layer, so published weights load without conversion. The
-classifier head is new and sized to the data.
+classifier head is new and sized to the data. ``lora_rank=r`` (``--lora_rank=r``) calls keras-hub's
+``backbone.enable_lora(r)`` (adapters on the attention's query and value layers, the backbone
+frozen; car_tf.models.lora).
 """
 
 import os

@@ -19,6 +19,7 @@ import keras
 
 from car_tf.models import ecosystem
 from car_tf.models.heads import classifier_head
+from car_tf.models.lora import enable_lora
 from car_tf.models.preprocessing import CHANNEL_STATS, PixelNormalization
 
 
@@ -77,6 +78,7 @@ def create_model(
     weights=None,
     dropout=0.0,
     normalization=None,
+    lora_rank=0,
     **backbone_options,
 ):
     """Builds the registered model ``name`` as a functional keras.Model: raw pixels -> logits.
@@ -94,6 +96,10 @@ def create_model(
         keras.applications' weights file, or None (see car_tf.models.ecosystem).
       dropout: dropout rate between "features" and "classifier".
       normalization: a key of CHANNEL_STATS ("cifar", "imagenet", ...); defaults to the model's own.
+      lora_rank: 0 (default) trains every weight; r > 0 puts LoRA adapters of rank r on the
+        backbone's Dense and EinsumDense layers (after ``weights`` are loaded) and freezes the rest
+        of the backbone: only the adapters and the head train (car_tf.models.lora; README, "LoRA").
+        Refused for a backbone without such layers (the CNNs).
       **backbone_options: options of the backbone builder (e.g. ``patch_size`` for ViT).
     """
     if name in _ECOSYSTEM:
@@ -102,7 +108,8 @@ def create_model(
             raise ValueError(
                 f"model {name!r} takes its architecture and pixel scaling from its weights; drop {given}."
             )
-        return _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights, dropout)
+        model = _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights, dropout)
+        return enable_lora(model, lora_rank)
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; pass one of {', '.join(list_models())}.")
     registration = _MODELS[name]
@@ -141,7 +148,7 @@ def create_model(
         packaged(model)
     elif weights is not None:
         load_model_weights(model, weights)
-    return model
+    return enable_lora(model, lora_rank)
 
 
 def _check_common(num_classes, dropout):

@@ -3,6 +3,10 @@
 ``patch_size`` is an option so small images work: the CAR paper trains ViT-Small from scratch on
 32x32 CIFAR images, e.g. ``create_model("vit_s16", 100, input_shape=(32, 32, 3), patch_size=4)``.
 The "features" embedding is the CLS token after the final LayerNorm.
+
+``create_model("vit_b16", K, lora_rank=r)`` (``--lora_rank=r``) fine-tunes with LoRA: adapters on
+every Dense and EinsumDense layer of the encoder (the attention projections, both MLP layers), the
+rest frozen (car_tf.models.lora).
 """
 
 import keras

@@ -73,6 +73,16 @@ class ModelConfig:
     pretrained: str | None = None
     frozen_backbone: bool = False
     unfreeze_from: str | None = None
+    lora_rank: int = 0  # 0: off; r: LoRA adapters of rank r on the backbone's Dense/EinsumDense layers
+
+    def __post_init__(self):
+        if not self.lora_rank >= 0:
+            raise ValueError(f"--lora_rank={self.lora_rank} must be at least 0 (0 turns LoRA off; 8 is usual).")
+        clashing = [f"--{name}" for name, on in [
+            ("frozen_backbone", self.frozen_backbone), ("unfreeze_from", self.unfreeze_from)] if on]
+        if self.lora_rank and clashing:
+            raise ValueError(f"--lora_rank={self.lora_rank} itself chooses what trains (the backbone's adapters "
+                             f"and the head), so it cannot be combined with {' or '.join(clashing)}; drop one of them.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

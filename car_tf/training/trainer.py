@@ -88,6 +88,7 @@ def build_network(config, active, base_loss, num_classes, image_size):
         head=head,
         cosine_scale=scale,
         weights=config.model.pretrained,
+        lora_rank=config.model.lora_rank,
         **options,
     )
     if config.model.unfreeze_from:
