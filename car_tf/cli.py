@@ -42,12 +42,22 @@ def is_user_error(error, extra=()):
     return isinstance(error, USER_ERRORS + op_error + tuple(extra))
 
 
+def _skip_corrupt_given():
+    return flags.FLAGS.is_parsed() and "skip_corrupt" in flags.FLAGS and bool(flags.FLAGS.skip_corrupt)
+
+
 def sentence(error):
     """One sentence saying what went wrong and what to do, from an exception."""
     errors = _tensorflow_errors()
     if errors is not None and isinstance(error, errors.OpError):
         message = error.message or str(error)
         image = _IMAGE_ASSERT.search(message)
+        if image and _skip_corrupt_given():  # the file was read whole before the first step
+            return (
+                f"image file {image.group(1).strip()} cannot be read or decoded, although "
+                "--skip_corrupt found it readable before the first step (it changed since); "
+                "replace or delete it."
+            )
         if image:
             return (
                 f"image file {image.group(1).strip()} cannot be read or decoded; replace or delete "

@@ -552,3 +552,85 @@ def test_validation_fraction_holding_out_no_image_is_refused_before_writing_and_
     assert not run_dir.exists()
     _train(*tiny_args(tiny_folder, run_dir, "--epochs=1", "--validation_fraction=0.1"))
     assert run_directory.read_run_info(run_dir)["evaluated_on"] == "validation"
+
+
+# --- --skip_corrupt in full, car_tf's sentences through compiled steps, CAR's weights and ties -----
+#
+# A JPEG corrupt in its middle (intact header and end marker) passes the cheap check of a few bytes
+# at each end; --skip_corrupt decodes every file in full before the first step. A check of car_tf's
+# that stops a compiled step is printed as its own sentence on every backend.
+
+from car_tf import backend as car_backend  # noqa: E402  (this section's own imports)
+from car_tf import cli  # noqa: E402
+from car_tf.evaluation import metrics  # noqa: E402
+from car_tf.evaluation import report as report_module  # noqa: E402
+
+from train_helpers import tiny_args as _tiny_args  # noqa: E402
+from train_helpers import write_tiny_folder  # noqa: E402
+
+
+def _jpeg_corrupt_in_its_middle(path, seed=0):
+    """A 48 x 48 JPEG with a second start-of-image marker in the middle of its scan: its header and
+    end marker are intact, so only a full decode finds it broken."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    data = bytearray(tf.io.encode_jpeg(pixels).numpy())
+    middle = len(data) // 2
+    data[middle : middle + 2] = b"\xff\xd8"
+    path.write_bytes(bytes(data))
+    assert sources.image_file_problem(str(path)) is None  # the cheap check cannot tell
+    return path
+
+
+def _evaluate(*argv):
+    """``python -m car_tf.evaluate`` in this process, on flags of its own: (report, output dir)."""
+    values = flags.FlagValues()
+    evaluate_cli.define_flags(values)
+    values(["evaluate", *argv])
+    return evaluate_cli.evaluate_from_flags(values)
+
+
+@pytest.mark.slow
+def test_training_with_skip_corrupt_leaves_jpegs_corrupt_in_their_middle_out_of_training_test_and_run_json(tmp_path):
+    data = write_tiny_folder(tmp_path / "data", train_per_class=12, test_per_class=4)
+    bad_train = _jpeg_corrupt_in_its_middle(data / "train" / "c" / "zz_broken.jpg")
+    bad_test = _jpeg_corrupt_in_its_middle(data / "test" / "b" / "zz_broken.jpg", seed=1)
+
+    def argv(run_dir, *extra):  # every image as it is: no long-tailed subset
+        return [a for a in _tiny_args(data, run_dir, "--epochs=1", *extra) if not a.startswith("--imbalance_factor")]
+
+    # Without --skip_corrupt the stream names the first such file, in one sentence.
+    with pytest.raises(tf.errors.InvalidArgumentError) as stop:
+        train_cli.train_and_evaluate(parse(argv(tmp_path / "strict")))
+    assert cli.sentence(stop.value) == (f"image file {bad_train} cannot be read or decoded; replace or delete "
+                                        "it, or pass --skip_corrupt to leave unreadable images out.")
+    # With it, both files are left out before the first step: of training, of the test, of the counts.
+    run_dir = tmp_path / "run"
+    train_cli.train_and_evaluate(parse(argv(run_dir, "--skip_corrupt")))
+    assert json.loads((run_dir / "run.json").read_text())["train_counts"] == [12, 12, 12]  # was 13 for c
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert saved["num_samples"] == 12
+    assert saved["skipped_test_images"] == [f"{bad_test}: is a corrupt JPEG file (it cannot be decoded)"]
+
+
+def test_evaluate_with_skip_corrupt_leaves_a_test_jpeg_corrupt_in_its_middle_out(tmp_path):
+    run_dir = _colour_run(tmp_path / "run", ["a", "b", "c"])
+    write_class_folders(tmp_path / "data" / "train", {"a": 2, "b": 2, "c": 2})
+    write_class_folders(tmp_path / "data" / "test", {"a": 3, "b": 3, "c": 3}, seed=1)
+    bad = _jpeg_corrupt_in_its_middle(tmp_path / "data" / "test" / "a" / "zz_broken.jpg")
+    report, output_dir = _evaluate(f"--model={run_dir}", "--dataset=folder", f"--data_dir={tmp_path / 'data'}",
+                                   "--skip_corrupt", f"--output_dir={tmp_path / 'eval'}")
+    assert report["num_samples"] == 9 and report["top1"] == 1.0
+    saved = json.loads((output_dir / "report.json").read_text())
+    assert saved["skipped_test_images"] == [f"{bad}: is a corrupt JPEG file (it cannot be decoded)"]
+
+
+def test_skip_corrupt_under_jax_or_pytorch_finds_a_jpeg_corrupt_in_its_middle_with_their_decoder(
+        tmp_path, monkeypatch):
+    write_class_folders(tmp_path, {"a": 3, "b": 3})
+    bad = _jpeg_corrupt_in_its_middle(tmp_path / "b" / "zz_broken.jpg")
+    monkeypatch.setattr(car_backend, "is_tensorflow", lambda: False)  # PIL decodes into memory there
+    data = sources.check_images(sources.read_image_folder(tmp_path), "training", skip_corrupt=True)
+    assert data.counts().tolist() == [3, 3]
+    assert data.skipped == (f"{bad}: is a corrupt JPEG file (it cannot be decoded)",)
+
+
