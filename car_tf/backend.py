@@ -6,6 +6,9 @@ Under JAX, ``keras.distribution.DataParallel`` compiles one program over the glo
 loss sees every replica's samples and there is nothing to gather.
 """
 
+import functools
+import logging
+
 import keras
 from keras import ops
 
@@ -49,33 +52,65 @@ def checked_labels(labels, num_classes):
     """Integer labels as int32, checked to lie in [0, K) before anything indexes by them.
 
     A gather or one-hot by an out-of-range label would give a wrong number without a word; this
-    stops the step with a sentence instead: a graph assertion under TensorFlow, a host callback
-    under JAX's jit, an immediate check on eager backends.
+    stops the step with a sentence instead (``stop_unless``).
     """
     labels = ops.cast(labels, "int32")
     message = (f"a label lies outside [0, {num_classes}); check the data set's labels and the "
                "number of classes.")
+    return stop_unless(ops.all(ops.logical_and(labels >= 0, labels < num_classes)), message, labels)
+
+
+# The sentences ``stop_unless`` has put into steps in this process: a compiled step raises them
+# wrapped in the backend's own error (TensorFlow's InvalidArgumentError: "Graph execution error"
+# and the node's trace; JAX's JaxRuntimeError: "CpuCallback error"), where ``step_sentence`` finds them.
+_STEP_SENTENCES = set()
+
+
+def stop_unless(condition, message, value):
+    """``value``, after stopping the step with ``message`` where the scalar ``condition`` is false:
+    a graph assertion under TensorFlow, a host callback under JAX's jit, at once on eager backends.
+    The command lines print ``message`` alone (``step_sentence``)."""
+    _STEP_SENTENCES.add(message)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        check = tf.debugging.assert_equal(
-            tf.reduce_all((labels >= 0) & (labels < num_classes)), True, message=message
-        )
-        with tf.control_dependencies([check]):  # a data dependency of the labels returned
-            return tf.identity(labels)
-    valid = ops.all(ops.logical_and(labels >= 0, labels < num_classes))
+        check = tf.debugging.assert_equal(condition, True, message=message)
+        with tf.control_dependencies([check]):  # a data dependency of the value returned
+            return tf.identity(value)
     if backend == "jax":
         import jax
 
-        def stop_if_invalid(ok):
+        def stop_if_false(ok):
             if not ok:
                 raise ValueError(message)
 
-        jax.debug.callback(stop_if_invalid, valid)
-    elif not bool(valid):
+        _quiet_jax_callback_log()
+        jax.debug.callback(stop_if_false, condition)
+    elif not bool(condition):
         raise ValueError(message)
-    return labels
+    return value
+
+
+def step_sentence(error):
+    """The sentence of a check that stopped a step (``stop_unless``) inside ``error``, whatever
+    framework error wraps it, or None."""
+    text = str(error).replace("\\'", "'")  # TensorFlow's assertion message escapes quotes
+    return next((message for message in sorted(_STEP_SENTENCES, key=len, reverse=True) if message in text), None)
+
+
+class _StepStopFilter(logging.Filter):
+    """Drops JAX's log record (with its trace) of a host callback that ``stop_unless`` stopped:
+    the error that JAX raises after it carries the sentence."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, ValueError) and str(error) in _STEP_SENTENCES)
+
+
+@functools.cache
+def _quiet_jax_callback_log():
+    logging.getLogger("jax._src.debugging").addFilter(_StepStopFilter())
 
 
 def replica_count():

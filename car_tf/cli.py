@@ -10,6 +10,8 @@ import sys
 import keras
 from absl import app, flags
 
+from car_tf import backend
+
 # Errors that bad input causes: paths, files, flag values, data, a diverging loss.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 # Keras backends the training commands are tested under (README, 'Keras backends').
@@ -37,9 +39,11 @@ def _tensorflow_errors():
 
 
 def is_user_error(error, extra=()):
+    """Whether ``error`` is one that bad input causes, a check of car_tf's that stopped a compiled
+    step included, whatever framework error wraps it (JAX's JaxRuntimeError, ...)."""
     errors = _tensorflow_errors()
     op_error = (errors.OpError,) if errors is not None else ()
-    return isinstance(error, USER_ERRORS + op_error + tuple(extra))
+    return isinstance(error, USER_ERRORS + op_error + tuple(extra)) or backend.step_sentence(error) is not None
 
 
 def _skip_corrupt_given():
@@ -48,6 +52,9 @@ def _skip_corrupt_given():
 
 def sentence(error):
     """One sentence saying what went wrong and what to do, from an exception."""
+    step = backend.step_sentence(error)  # car_tf's own sentence, under the framework's wrapping
+    if step is not None:
+        return step
     errors = _tensorflow_errors()
     if errors is not None and isinstance(error, errors.OpError):
         message = error.message or str(error)

@@ -13,6 +13,7 @@ train vs test gap to report.json. The many / medium / few groups are those of th
 import dataclasses
 import json
 import pathlib
+import re
 
 import numpy as np
 from absl import flags, logging
@@ -20,7 +21,7 @@ from absl import flags, logging
 from car_tf.data.loading import load_datasets
 from car_tf.data.longtail import check_group_thresholds
 from car_tf.evaluation.evaluate import default_output_dir, evaluate
-from car_tf.evaluation.predictors import find_run_info, load_predictor
+from car_tf.evaluation.predictors import RUN_FILE, RUN_MODEL_FILE, ModelNotFoundError, find_run_info, load_predictor
 from car_tf.evaluation.report import format_table
 
 
@@ -64,7 +65,7 @@ def evaluate_from_flags(flag_values=flags.FLAGS):
     from car_tf.data.pipelines import eval_dataset
 
     FLAGS = flag_values
-    predictor = load_predictor(FLAGS.model)
+    predictor = load_model_safely(FLAGS.model)
     run_info = find_run_info(FLAGS.model) or {}
     if not FLAGS["image_size"].present and predictor.image_size is not None:
         FLAGS.image_size = int(predictor.image_size[0])
@@ -94,6 +95,38 @@ def evaluate_from_flags(flag_values=flags.FLAGS):
         **thresholds,
     )
     return report, output_dir
+
+
+def load_model_safely(model):
+    """``load_predictor(model)``; a .keras file Keras cannot rebuild from its config (a layer that
+    names ``os.system``, a class no module registers) is refused in one sentence naming it."""
+    path = pathlib.Path(model)
+    if path.is_dir() and (path / RUN_FILE).is_file():
+        path = path / RUN_MODEL_FILE
+    try:
+        return load_predictor(model)
+    except (ModelNotFoundError, OSError):  # a missing or unreadable path: named as it is
+        raise
+    except Exception as error:  # Keras's TypeError, ValueError, KeyError ... from deserializing
+        if path.suffix != ".keras":
+            raise
+        raise ValueError(
+            f"{path} is not a model car_tf can load safely: Keras cannot rebuild it from its config "
+            f"({_keras_reason(error)}); evaluate a .keras file that car_tf.train or Keras saved, "
+            "from a source you trust."
+        ) from error
+
+
+def _keras_reason(error):
+    """What Keras could not rebuild, in a few words, from its error."""
+    text = str(error)
+    located = re.search(r"Could not locate (class|function) '([^']+)'", text)
+    if located:
+        module = re.search(r"Full object config: \{'module': '([^']+)'", text)
+        name = f"{module.group(1)}.{located.group(2)}" if module else located.group(2)
+        return f"it names {located.group(1)} {name}, which is neither Keras's nor car_tf's"
+    line = next((l.strip() for l in text.splitlines() if l.strip()), type(error).__name__)
+    return line if len(line) <= 200 else line[:200] + " ..."
 
 
 def match_model_classes(predictor, model, *splits):

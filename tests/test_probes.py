@@ -634,3 +634,83 @@ def test_skip_corrupt_under_jax_or_pytorch_finds_a_jpeg_corrupt_in_its_middle_wi
     assert data.skipped == (f"{bad}: is a corrupt JPEG file (it cannot be decoded)",)
 
 
+SEMANTICS_RUNS = ROOT / "tests" / "backends" / "car_semantics_runs.py"
+
+
+_OUT_OF_RANGE_TRAIN = '''
+import runpy, sys
+import numpy as np
+import car_tf.data.streams as streams
+
+original = streams.training_stream
+
+
+def shifted(*args, **kwargs):  # every training label shifted out of [0, 3), as a broken data source
+    stream = original(*args, **kwargs)
+    if hasattr(stream, "map"):  # tf.data
+        return stream.map(lambda x, y: (x, y + 7))
+    return ((x, np.asarray(y) + 7) for x, y in stream)
+
+
+streams.training_stream = shifted
+sys.argv = ["car_tf.train", *sys.argv[1:]]
+runpy.run_module("car_tf.train", run_name="__main__")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keras_backend", ["tensorflow", "jax", "torch"])
+def test_training_car_on_labels_out_of_range_prints_one_sentence(tmp_path, keras_backend):
+    write_class_folders(tmp_path / "data" / "train", {"a": 4, "b": 4, "c": 4})
+    write_class_folders(tmp_path / "data" / "test", {"a": 2, "b": 2, "c": 2}, seed=1)
+    script = tmp_path / "train_out_of_range.py"
+    script.write_text(_OUT_OF_RANGE_TRAIN)
+    env = {**os.environ, "KERAS_BACKEND": keras_backend, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(script), "--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--data_recipe=cifar",
+         "--image_size=16", f"--model_dir={tmp_path / 'run'}", "--batch_size=6", "--epochs=1",
+         "--warmup_epochs=0", "--method=car", "--noverbose"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert last_line(out.stderr) == ("car_tf.train: a label lies outside [0, 3); check the data set's labels "
+                                     "and the number of classes.")
+    assert "Traceback" not in out.stderr and "Graph execution error" not in out.stderr
+
+
+def test_car_under_pytorch_with_nan_logits_or_an_infinite_lambda_reaches_the_nan_guard(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    done = subprocess.run([sys.executable, str(SEMANTICS_RUNS), "nonfinite", str(tmp_path / "torch.json")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, losses in json.loads((tmp_path / "torch.json").read_text()).items():
+        assert isinstance(losses, list), f"{name}: {losses}"  # was torch._C._LinAlgError from the SVD
+        assert not np.isfinite(losses[-1]), name  # what the trainer's NaN guard stops with its sentence
+
+
+def test_evaluate_of_a_keras_file_whose_layer_names_os_system_is_refused_in_one_sentence(tmp_path):
+    import zipfile
+
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    model.save(tmp_path / "good.keras")
+    with zipfile.ZipFile(tmp_path / "good.keras") as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    marker = tmp_path / "ran"
+    config["config"]["layers"][-1].update(module="os", class_name="system", registered_name=None,
+                                          config={"command": f"touch {marker}"})
+    files["config.json"] = json.dumps(config).encode()
+    hostile = tmp_path / "model.keras"
+    with zipfile.ZipFile(hostile, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    write_class_folders(tmp_path / "data" / "train", {"a": 2, "b": 2, "c": 2})
+    write_class_folders(tmp_path / "data" / "test", {"a": 2, "b": 2, "c": 2}, seed=1)
+    with pytest.raises(ValueError) as refusal:
+        _evaluate(f"--model={hostile}", "--dataset=folder", f"--data_dir={tmp_path / 'data'}")
+    message = str(refusal.value)
+    assert message.startswith(f"{hostile} is not a model car_tf can load safely: ")
+    assert "it names class os.system" in message and "\n" not in message and cli.is_user_error(refusal.value)
+    assert not marker.exists()
+
+

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from car_tf.backend import all_gather, checked_labels, read, replica_count
+from car_tf.backend import all_gather, checked_labels, read, replica_count, stop_unless
 from car_tf.car import confusion, spectral
 from car_tf.car.sparse_state import checked_sparse_entries
 from car_tf.keras_compat import in_symbolic_build
@@ -288,28 +288,6 @@ def _checked_labels(y_true, num_classes):
     if len(y_true.shape) == 2 and y_true.shape[-1] == num_classes:
         return y_true
     if "float" in keras.backend.standardize_dtype(y_true.dtype):
-        y_true = _stop_unless(ops.all(ops.equal(y_true, ops.floor(y_true))), FRACTIONAL_LABEL, y_true)
+        y_true = stop_unless(ops.all(ops.equal(y_true, ops.floor(y_true))), FRACTIONAL_LABEL, y_true)
     return checked_labels(y_true, num_classes)
 
-
-def _stop_unless(condition, message, value):
-    """``value``, after stopping the step with ``message`` where the scalar ``condition`` is false: a
-    graph assertion under TensorFlow, a host callback under JAX's jit, at once on eager backends
-    (as car_tf.backend.checked_labels does for the label range)."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        with tf.control_dependencies([tf.debugging.assert_equal(condition, True, message=message)]):
-            return tf.identity(value)
-    if backend == "jax":
-        import jax
-
-        def stop_if_false(ok):
-            if not ok:
-                raise ValueError(message)
-
-        jax.debug.callback(stop_if_false, condition)
-    elif not bool(condition):
-        raise ValueError(message)
-    return value

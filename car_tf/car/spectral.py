@@ -22,8 +22,13 @@ _EPS = 1e-30
 
 
 def top_singular_vectors_svd(a):
-    """(u1, v1) of a float32 matrix from a full SVD; no gradient."""
-    u, _, vh = ops.svd(ops.stop_gradient(ops.cast(a, "float32")), full_matrices=False)
+    """(u1, v1) of a float32 matrix from a full SVD; no gradient.
+
+    Non-finite entries are zeroed for the SVD alone (PyTorch's refuses NaN and infinity with an
+    error, TensorFlow's and JAX's return NaN): sigma = u^T A v of the matrix itself is then NaN,
+    and a NaN loss reaches the trainer's NaN guard on every backend.
+    """
+    u, _, vh = ops.svd(_finite(ops.stop_gradient(ops.cast(a, "float32"))), full_matrices=False)
     return u[:, 0], vh[0, :]
 
 
