@@ -714,3 +714,39 @@ def test_evaluate_of_a_keras_file_whose_layer_names_os_system_is_refused_in_one_
     assert not marker.exists()
 
 
+def test_car_with_zero_sample_weight_padding_moves_neither_the_batch_confusion_nor_the_ema():
+    counts = [40, 20, 8, 4]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 6)).astype(np.float32), rng.integers(0, 4, 12)
+    padding_x, padding_y = 5.0 * rng.normal(size=(4, 6)).astype(np.float32), rng.integers(0, 4, 4)
+
+    def ema_after_one_step(x, y, sample_weight=None, **settings):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+        model.layers[0].set_weights([np.linspace(-1, 1, 24, dtype=np.float32).reshape(6, 4), np.zeros(4, np.float32)])
+        loss = car_tf.CARLoss(counts, spec_lambda=0.5, **settings)
+        model.compile(keras.optimizers.SGD(0.1), loss=loss)
+        model.fit(x, y, sample_weight=sample_weight, batch_size=len(x), epochs=1, verbose=0,
+                  callbacks=[car_tf.CARCallback(loss)])
+        return model.car_state.ema_matrix().numpy(), float(model.car_state.last_sigma.numpy())
+
+    for settings in ({}, {"spectral_method": "power", "sparse_ema_entries": 2}):
+        alone = ema_after_one_step(x, y, **settings)
+        padded = ema_after_one_step(np.concatenate([x, padding_x]), np.concatenate([y, padding_y]),
+                                    np.r_[np.ones(12), np.zeros(4)].astype(np.float32), **settings)
+        np.testing.assert_allclose(padded[0], alone[0], rtol=1e-6, atol=1e-8)
+        assert padded[1] == pytest.approx(alone[1], rel=1e-6)
+
+
+def test_report_of_a_model_whose_logits_overflowed_gives_a_finite_ece_and_says_why():
+    # Float16 features that overflow under --mixed_precision=mixed_float16 reach the float32
+    # classifier as inf, so its logits are +-inf or NaN (inf - inf); the softmax of +inf was NaN.
+    logits = np.array([[4.0, 1.0, 0.0], [np.inf, 0.0, -np.inf], [np.inf, np.inf, 1.0], [np.nan, 0.0, 1.0],
+                       [0.0, 3.0, 1.0], [-np.inf, 0.0, 2.0]], np.float32)
+    report = metrics.per_class_report(logits, [0, 0, 1, 2, 1, 2], [30, 10, 3])
+    assert np.isfinite(report["ece"])
+    probs = metrics.to_probabilities(logits)
+    np.testing.assert_allclose(probs[1:4], [[1, 0, 0], [0.5, 0.5, 0], [1 / 3, 1 / 3, 1 / 3]])
+    note = ("4 of 6 samples have non-finite logits (3 infinite, 1 NaN), as where float16 activations "
+            "overflow under --mixed_precision=mixed_float16")
+    assert any(n.startswith(note) for n in report["notes"])
+    assert f"note: {note}" in report_module.format_table(report)

@@ -67,6 +67,18 @@ class CARLoss(keras.losses.Loss):
             class's m largest confusions and the mass of the others (``SparseCARState``), for
             label spaces where one K x K matrix does not fit: an approximation whose error
             README measures.
+
+    Sample weights (``model.fit(..., sample_weight=...)``, or ``class_weight``): Keras weights each
+    sample's loss, the penalty added to it included, as for any loss; beyond that a sample's weight
+    multiplies its share of the batch confusion C_t, whose column j is the weighted sum of class
+    j's rows divided by max(1, their total weight). A sample of weight 0 (padding) counts as if it
+    were not in the batch: it moves neither C_t nor the EMA. A sample of weight 2 counts as two
+    copies of it, and weights that scale a whole class alike leave its column as it is while their
+    total is at least 1. The dense and the sparse EMA follow the same rule.
+
+    Soft labels count toward their ``label_classes`` heaviest classes in proportion to their mass;
+    of classes of equal mass (label smoothing's light classes) the lowest class ids are taken, so
+    TensorFlow, JAX and PyTorch choose the same classes and give the same loss.
     """
 
     def __init__(
@@ -136,6 +148,16 @@ class CARLoss(keras.losses.Loss):
             confusion.frequency_weights(counts, self.r0, self.count_based_weights), np.float32
         )
         self.state = None
+        self._sample_weight = None  # the weights of the batch being scored, while __call__ runs
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """Keras's weighted, reduced loss; ``sample_weight`` also weights each sample's share of
+        the batch confusion (a sample of weight 0 does not count in it: see the class docstring)."""
+        self._sample_weight = sample_weight
+        try:
+            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        finally:
+            self._sample_weight = None
 
     def call(self, y_true, y_pred):
         logits = ops.cast(y_pred, "float32")
@@ -155,11 +177,13 @@ class CARLoss(keras.losses.Loss):
                 "CARLoss has no state on the model; pass car_tf.CARCallback(loss) to model.fit, "
                 "or call car_tf.attach_car_state(model, loss) before training."
             )
-        sigma = self.penalty(logits, y_true)  # NaN logits give a NaN loss, as without CAR
+        sigma = self.penalty(logits, y_true, self._sample_weight)  # NaN logits: a NaN loss, as without CAR
         return per_sample + read(self.state.spec_lambda) * sigma
 
-    def penalty(self, logits, labels):
+    def penalty(self, logits, labels, sample_weight=None):
         """sigma_max of the frequency-weighted EMA confusion; updates the state as a side effect.
+
+        ``sample_weight`` [B] weights each sample's rows of the batch confusion (0: left out).
 
         The K x K work is forward-only and touches the matrix only where it must: the EMA update
         rescales and adds the batch's columns (O(K * B)), and so do the products A V, A^T U of the
@@ -177,6 +201,7 @@ class CARLoss(keras.losses.Loss):
             margin=self.margin,
             differentiable_gate=self.differentiable_gate,
             label_classes=self.label_classes,
+            sample_weight=sample_weight,
         )
         # Every replica builds the same global C_t from all replicas' rows.
         all_contrib, all_ids, all_weights = all_gather([ops.stop_gradient(contrib), ids, weights])

@@ -20,14 +20,40 @@ from car_tf.data.longtail import FEW_BELOW, GROUPS, MANY_ABOVE, class_groups
 
 
 def to_probabilities(scores):
-    """Returns class probabilities: rows already on the simplex stay, anything else gets a softmax."""
+    """Returns class probabilities: rows already on the simplex stay, anything else gets a softmax.
+
+    The softmax is taken in float64. A row with infinite logits gets the softmax's limit (its +inf
+    entries share the mass, -inf entries get none); a row holding NaN, which has none, is uniform
+    (``nonfinite_logits_note`` says how many rows were either).
+    """
     scores = np.asarray(scores, dtype=np.float64)
     on_simplex = np.all(scores >= 0) and np.allclose(scores.sum(axis=-1), 1.0, atol=1e-4)
     if on_simplex:
         return scores
-    shifted = scores - scores.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        top = scores.max(axis=-1, keepdims=True)
+        shifted = np.where(np.isposinf(top), np.where(np.isposinf(scores), 0.0, -np.inf), scores - top)
+        exp = np.exp(shifted)
+        probs = exp / exp.sum(axis=-1, keepdims=True)
+    undefined = ~np.all(np.isfinite(probs), axis=-1)  # NaN logits, or every logit -inf
+    probs[undefined] = 1.0 / scores.shape[-1]
+    return probs
+
+
+def nonfinite_logits_note(scores):
+    """The report's sentence on rows of ``scores`` holding an infinite or NaN logit, or None."""
+    scores = np.asarray(scores, dtype=np.float64)
+    nan = np.any(np.isnan(scores), axis=-1)
+    infinite = np.any(np.isinf(scores), axis=-1) & ~nan
+    if not (nan.any() or infinite.any()):
+        return None
+    return (
+        f"{int(nan.sum() + infinite.sum())} of {len(scores)} samples have non-finite logits "
+        f"({int(infinite.sum())} infinite, {int(nan.sum())} NaN), as where float16 activations overflow "
+        "under --mixed_precision=mixed_float16 (train with mixed_bfloat16 or none to avoid it): their "
+        "probabilities, and so the ECE and the reliability diagram, take the softmax's limit for "
+        "infinite logits and are uniform for NaN ones."
+    )
 
 
 def confusion_matrix(predictions, labels, num_classes):
@@ -308,7 +334,7 @@ def per_class_report(
         "geometric_mean_recall": geometric_mean_recall(accuracy),
         "macro_f1": macro_f1(confusion),
         "zero_recall_classes": zero_recall,
-        "notes": [note] if (note := zero_recall_note(zero_recall)) else [],
+        "notes": [note for note in (zero_recall_note(zero_recall), nonfinite_logits_note(scores)) if note],
         "spectral_norm": confusion_spectral_norm(confusion),
         "weighted_spectral_norm": confusion_spectral_norm(
             confusion, car_weights(train_counts, r0, count_based)
