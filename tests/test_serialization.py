@@ -16,7 +16,8 @@ import car_tf
 import car_tf.concutmix  # noqa: F401  (registers ConCutMixModel)
 import car_tf.decoupled  # noqa: F401
 import car_tf.dlsa  # noqa: F401
-from car_tf.car.state import CARState, attach_car_state
+from car_tf.car.carrier import attach_car_state
+from car_tf.car.state import CARState
 from car_tf.concutmix.model import ConCutMixModel
 from car_tf.decoupled.margin import DecoupledMarginLoss
 from car_tf.decoupled.terms import FeatureNormPenalty, UniformityRegularizer

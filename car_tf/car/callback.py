@@ -2,7 +2,7 @@
 
 import keras
 
-from car_tf.car.state import attach_car_state
+from car_tf.car.carrier import attach_car_state
 from car_tf.car.loss import CARLoss
 
 

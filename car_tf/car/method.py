@@ -3,7 +3,7 @@ CARCallback (README, "CAR in your own Keras code")."""
 
 import dataclasses
 
-from car_tf.training.methods import Method
+from car_tf.training.method import Method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +56,7 @@ class CARMethod(Method):
 
     def attach(self, settings, model, loss):
         from car_tf.car.callback import CARCallback
-        from car_tf.car.state import attach_car_state
+        from car_tf.car.carrier import attach_car_state
 
         attach_car_state(model, loss)  # before restoring, so the checkpoint's EMA is loaded
         return [CARCallback(loss, lambda_warmup_epochs=settings.lambda_warmup_epochs)]

@@ -3,7 +3,7 @@ around the classifier (its loss: logit-adjusted CE, as released)."""
 
 import dataclasses
 
-from car_tf.training.methods import Method
+from car_tf.training.method import Method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,7 @@ import numpy as np
 from keras import ops
 
 from car_tf.backend import import_tensorflow
-from car_tf.car.state import CarriesCARState
+from car_tf.car.carrier import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
     class_prototypes,

@@ -4,7 +4,7 @@ per-group diagnostics (README, "Other methods")."""
 import dataclasses
 
 from car_tf.decoupled import terms
-from car_tf.training.methods import Method
+from car_tf.training.method import Method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,6 +24,7 @@ class DecoupledMethod(Method):
 
     name = "decoupled"
     settings_class = DecoupledSettings
+    rebuilds_model = "clones the model to add its uniformity and feature-norm terms"
 
     def is_active(self, config, base_loss):
         return base_loss == self.name

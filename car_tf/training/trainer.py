@@ -265,8 +265,13 @@ def check_evaluation_data(config, train_data, test_data):
                      f"training images, and the largest class has {largest}); raise it, e.g. to {enough}.")
 
 
-def check_frozen_backbone(config, active):
-    """Refuses, before anything is written, what a head trained on cached features cannot do."""
+def check_model_options(config, active):
+    """Refuses, before anything is written, model options a method cannot train with: a head on
+    cached features (--frozen_backbone), or LoRA adapters under a method that rebuilds the model."""
+    for method, _ in active:
+        if config.model.lora_rank and method.rebuilds_model:
+            raise ValueError(f"{method.name} {method.rebuilds_model}, which drops LoRA's adapters; "
+                             "drop --lora_rank or train another method.")
     if not config.model.frozen_backbone:
         return
     opt = config.optimizer
@@ -310,7 +315,7 @@ def train_in_locked_directory(config):
             raise ValueError(f"{method.name} {method.needs_tensorflow}, so it cannot train under KERAS_BACKEND="
                              f"{keras.backend.backend()}; unset KERAS_BACKEND to use TensorFlow.")
     streams.check_options(config.data.randaugment)
-    check_frozen_backbone(config, active)
+    check_model_options(config, active)
     if run.overwrite and chief:
         run_directory.check_start_over(run_dir)  # refuses a folder holding other files; deletes later
     current = config.flag_values()

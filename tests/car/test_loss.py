@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import car_tf
-from car_tf.car.state import attach_car_state
+from car_tf.car.carrier import attach_car_state
 from strategy_helpers import assert_results_close, run_under_strategies
 from test_math import np_batch_confusion, np_frequency_weights, np_softmax, numeric_gradient
 

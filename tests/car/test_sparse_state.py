@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import car_tf
-from car_tf.car.state import attach_car_state
+from car_tf.car.carrier import attach_car_state
 from test_math import feed_ema, np_frequency_weights, np_sparse_ema
 
 

@@ -81,3 +81,10 @@ def test_unfreeze_from_trains_only_the_layers_from_it_on(tiny_folder, tmp_path):
     assert all(moving_means[n].any() for n in batch_norms[-2:])
     with pytest.raises(ValueError, match="--unfreeze_from=nope names no backbone layer"):
         train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, tmp_path / "x", "--unfreeze_from=nope")))
+
+
+def test_lora_under_a_method_that_rebuilds_the_model_is_refused_before_writing(tiny_folder, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="decoupled clones the model.*drop --lora_rank"):
+        train_cli.train_and_evaluate(parse(tiny_args(tiny_folder, run, "--method=decoupled", "--lora_rank=4")))
+    assert not run.exists()
