@@ -1,6 +1,6 @@
 """CAR's differentiable confusion surrogate, frequency weights and EMA (CAR, CVPR 2026, arXiv 2603.16732).
 
-Pure functions of tensors; the state that carries the EMA across steps lives in ``car_state.py``.
+Pure functions of tensors; the state that carries the EMA across steps lives in ``state.py``.
 Conventions: rows are predicted classes i, columns are true classes j, the diagonal is zero.
 
 Soft labels (ConCutMix's mixed labels) are handled by fractional membership: a sample whose label

@@ -11,7 +11,6 @@ variable stays identical on every replica.
 import functools
 
 import keras
-import numpy as np
 from keras import ops
 
 from car_tf.backend import is_tensorflow, widest_float
@@ -121,20 +120,6 @@ class CARState(keras.layers.Layer):
         new = factor[:, None] * read_rows(self.ema_columns, rows) + added
         write_rows(self.ema_columns, rows, first_for_padding(new, padding))
         return added, None
-
-    def load_own_variables(self, store):
-        """Loads the state. One saved before the block power iteration holds single vectors u, v,
-        A v and A^T u: they become the first columns of zero blocks, whose products stay exact,
-        so runs and models saved by earlier versions resume; the next pass fills the block."""
-        if len(store.keys()) != len(self.weights):
-            return super().load_own_variables(store)  # Keras's own error
-        values = {}
-        for index, variable in enumerate(self.weights):
-            value = np.asarray(store[str(index)])
-            if len(variable.shape) == 2 and value.shape == tuple(variable.shape[:1]):
-                value = np.pad(value[:, None], ((0, 0), (0, variable.shape[1] - 1)))
-            values[str(index)] = value
-        return super().load_own_variables(values)
 
     def reset_epoch_statistics(self):
         self.sigma_sum.assign(0.0)

@@ -126,7 +126,7 @@ def is_chief():
 
 
 def prepare_for_multi_worker(model, strategy, dataset):
-    """Works around two Keras 3.15 bugs with MultiWorkerMirroredStrategy (tensorflow#72388).
+    """Works around two Keras 3.15 bugs with MultiWorkerMirroredStrategy.
 
     1. fit starts with a build pass that reduces the first distributed batch with
        ``strategy.reduce``, which fails on the PerReplica values of a distributed dataset: build

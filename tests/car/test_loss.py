@@ -350,39 +350,3 @@ def test_power_state_follows_the_ema_and_agrees_with_svd(sparse_ema_entries):
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         if step >= 10:
             assert sigma == pytest.approx(np.linalg.norm(a, 2), rel=1e-4)
-
-
-def test_a_state_saved_with_single_power_vectors_loads_as_exact_blocks():
-    """Checkpoints written before the block power iteration (one u, v) resume, and stay exact."""
-    k, rng = 150, np.random.default_rng(11)
-    counts = np.maximum(500 * 100.0 ** (-np.arange(k) / (k - 1)), 1).astype(int)
-    loss = car_tf.CARLoss(counts, base="ce", spectral_method="power", power_iterations=200)
-    attach_car_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(k)]), loss)
-    centers = rng.normal(size=(k, k)) * 2
-
-    def batch():
-        labels = rng.choice(k, size=32, p=counts / counts.sum())
-        return centers[labels] + rng.normal(size=(32, k)), labels
-
-    for _ in range(5):
-        loss.penalty(*batch())
-    w = np_frequency_weights(counts, 0.2)
-    a = loss.state.ema_matrix().numpy().astype(np.float64) * w[None, :]
-    left, _, right = np.linalg.svd(a)
-    u, v = left[:, 0], right[0]
-    old = {"power_u": u, "power_v": v, "power_av": a @ v, "power_atu": a.T @ u}  # the old format
-    store = {str(i): old.get(x.name, x.numpy()) for i, x in enumerate(loss.state.weights)}
-    state = car_tf.CARState(k)
-    state.load_own_variables(store)
-    blocks = {name: getattr(state, name).numpy() for name in old}
-    for name, vector in old.items():
-        np.testing.assert_allclose(blocks[name][:, 0], vector, rtol=1e-6, atol=1e-9)
-        assert not blocks[name][:, 1:].any()
-    np.testing.assert_array_equal(state.ema_matrix().numpy(), loss.state.ema_matrix().numpy())
-    loss.state = state  # training continues from the loaded state
-    for _ in range(10):
-        sigma = float(loss.penalty(*batch()))
-    a = state.ema_matrix().numpy().astype(np.float64) * w[None, :]
-    assert sigma == pytest.approx(np.linalg.norm(a, 2), rel=1e-4)
-    np.testing.assert_allclose(state.power_av.numpy(), a @ state.power_v.numpy(), rtol=1e-4,
-                               atol=1e-4 * np.abs(a @ state.power_v.numpy()).max())
