@@ -114,21 +114,43 @@ def _quiet_jax_callback_log():
 
 
 def replica_count():
-    """Replicas computing the current step in sync, each on its share of the batch."""
+    """Replicas computing the current step in sync, each on its share of the batch (1 outside a
+    TensorFlow replica context and under other backends)."""
     if not is_tensorflow():
         return 1
-    from car_tf.training import distribute
+    import tensorflow as tf
 
-    return distribute.replica_count()
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
+def strategy_replica_count():
+    """Replicas of the strategy in scope (1 without one), also outside a replica context."""
+    if not is_tensorflow():
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_id():
+    """This replica's index among those in sync (0 outside a replica context)."""
+    if not is_tensorflow():
+        return 0
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context.replica_id_in_sync_group if context is not None else 0
 
 
 def all_gather(values):
-    """A tensor or nest of tensors concatenated along axis 0 over the replicas in sync."""
-    if not is_tensorflow():
+    """A tensor or nest of tensors concatenated along axis 0 over the replicas in sync; with a single
+    replica (or another backend) the values come back unchanged."""
+    if replica_count() == 1:
         return values
-    from car_tf.training import distribute
+    import tensorflow as tf
 
-    return distribute.all_gather(values)
+    return tf.distribute.get_replica_context().all_gather(values, axis=0)
 
 
 def compiled_inference(model):

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from car_tf.backend import import_tensorflow
+from car_tf.backend import all_gather, import_tensorflow, replica_count, replica_id, strategy_replica_count
 from car_tf.car.carrier import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (
@@ -15,7 +15,6 @@ from car_tf.concutmix.rectification import (
 from car_tf.keras_compat import aggregated_layer_loss, loss_tracker
 from car_tf.losses.cross_entropy import checked_class_counts, target_distribution
 from car_tf.models.registry import features_model
-from car_tf.training.distribute import all_gather, replica_count, replica_id
 from car_tf.ops import l2_normalize
 
 tf = import_tensorflow(__name__)
@@ -27,7 +26,7 @@ def _per_global_batch(loss):
     Keras divides each replica's loss by the replica count so that the summed gradients are the
     global batch's; the trackers undo that, as Keras's own train_step does.
     """
-    return loss * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+    return loss * tf.cast(strategy_replica_count(), loss.dtype)
 
 
 def projection_head(input_dim, hidden_dim, output_dim, name):

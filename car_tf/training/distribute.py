@@ -67,34 +67,6 @@ def _keras_distribution(name):
     return NoStrategy()
 
 
-def replica_count():
-    """Replicas computing the current step in sync (1 outside a replica context)."""
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    return context.num_replicas_in_sync if context is not None else 1
-
-
-def replica_id():
-    """This replica's index among those in sync (0 outside a replica context)."""
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    return context.replica_id_in_sync_group if context is not None else 0
-
-
-def all_gather(values):
-    """A tensor or nest of tensors concatenated along axis 0 over the replicas in sync.
-
-    With a single replica the values come back unchanged.
-    """
-    if replica_count() == 1:
-        return values
-    import tensorflow as tf
-
-    return tf.distribute.get_replica_context().all_gather(values, axis=0)
-
-
 def enable_determinism():
     """Deterministic TensorFlow kernels (slower on GPUs; runs and resumes repeat exactly).
 
