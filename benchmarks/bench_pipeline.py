@@ -26,7 +26,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.cifar_data import cifar10_lt  # noqa: E402
-from car_tf.concutmix import batch_pad_crop_flip, concutmix_stage, per_image  # noqa: E402
+from car_tf.concutmix import concutmix_stage  # noqa: E402
+from car_tf.data.augment import batch_pad_crop_flip, per_image  # noqa: E402
 from car_tf.data import steps_per_epoch, train_dataset  # noqa: E402
 from car_tf.data.augment import pad_crop_flip  # noqa: E402
 

@@ -6,8 +6,8 @@ the recipe) as image A::
 
     stream = train_dataset(train, recipe="cifar", ..., start_epoch=start, epochs=epochs)
     ds = concutmix_stage(stream, train, num_classes=10, seed=0,
-                         view_augment=batch_pad_crop_flip,  # or per_image(any per-image op)
-                         partner_augment=batch_pad_crop_flip,
+                         view_augment=batch_pad_crop_flip,  # both in car_tf.data.augment;
+                         partner_augment=batch_pad_crop_flip,  # or per_image(any per-image op)
                          steps_per_epoch=steps_per_epoch(train, batch_size), start_epoch=start)
 
 The stream must run through all epochs (as train_dataset's does) rather than be re-iterated by
@@ -32,6 +32,7 @@ the same batches as an uninterrupted one (given a stream with the same property)
 import numpy as np
 
 from car_tf.backend import import_tensorflow
+from car_tf.concutmix.cutmix import area_labels, cutmix_box, paste_box
 from car_tf.data import augment as augment_ops
 from car_tf.data import pipelines
 
@@ -69,77 +70,6 @@ def balanced_indices(labels, batch_size, seed):
     position = tf.cast(tf.minimum(position, class_counts - 1.0), tf.int64)
     first = tf.gather(tf.constant(starts, tf.int64), classes)
     return tf.cast(tf.gather(order, first + position), tf.int32)
-
-
-def per_image(augment_fn):
-    """Turns a per-image ``augment_fn(image, seed)`` into a batch ``augment(images, seed)``.
-
-    Each image gets its own seed split from the batch seed (e.g. ``per_image(pad_crop_flip)``).
-    """
-
-    def augment(images, seed):
-        seeds = tf.random.experimental.stateless_split(
-            tf.cast(seed, tf.int64), tf.shape(images)[0]
-        )
-        return tf.map_fn(
-            lambda args: augment_fn(args[0], args[1]),
-            (images, seeds),
-            fn_output_signature=tf.float32,
-        )
-
-    return augment
-
-
-def batch_pad_crop_flip(images, seed, pad=augment_ops.CIFAR_PAD):
-    """Vectorised CIFAR augmentation of a batch: zero-pad, random crop back, random flip.
-
-    Same distribution as ``per_image(pad_crop_flip)`` (each image its own offsets and flip) but
-    drawn batch-wide and applied by one nearest-neighbour ``crop_and_resize``, whose boxes may
-    reach past the image (zero fill, i.e. the padding) and run right to left (the flip).
-    """
-    offset_seed, flip_seed = tf.unstack(augment_ops.split_seed(seed))
-    shape = tf.shape(images)
-    batch = shape[0]
-    offsets = tf.random.stateless_uniform(
-        [batch, 2], offset_seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
-    )
-    flip = tf.random.stateless_uniform([batch, 1], flip_seed) < 0.5
-    size = tf.cast(shape[1:3], tf.float32)  # (H, W)
-    first = tf.cast(offsets - pad, tf.float32)  # source row / column of output pixel 0
-    last = first + size - 1.0
-    flip_columns = tf.concat([tf.zeros_like(flip), flip], axis=1)
-    first, last = tf.where(flip_columns, last, first), tf.where(flip_columns, first, last)
-    # Sample points sit on whole pixels, where float error could push an edge pixel just outside
-    # the image (zero fill) or a pad pixel just inside. Pulling every point towards the centre by a
-    # quarter pixel per image side keeps the rounding (nearest) and the inside test exact.
-    centre, pull = (size - 1.0) / 2.0, 1.0 - 0.25 / size
-    first, last = centre + (first - centre) * pull, centre + (last - centre) * pull
-    boxes = tf.concat([first, last], axis=1) / tf.tile(tf.maximum(size - 1.0, 1.0), [2])
-    out = tf.image.crop_and_resize(
-        images, boxes, tf.range(batch), shape[1:3], method="nearest"
-    )
-    return tf.ensure_shape(out, images.shape)
-
-
-def cutmix_box(height, width, lam_seed, y_seed, x_seed):
-    """One CutMix box for the whole batch: (y1, y2, x1, x2, lam) with lam from the clipped area.
-
-    lam0 ~ U(0, 1); a box of sides floor(side * sqrt(1 - lam0)) around a uniform centre, clipped
-    to the image; lam = 1 - box area / image area.
-    """
-    lam0 = tf.random.stateless_uniform([], lam_seed)
-    ratio = tf.sqrt(1.0 - lam0)
-    cut_h = tf.cast(tf.cast(height, tf.float32) * ratio, tf.int32)
-    cut_w = tf.cast(tf.cast(width, tf.float32) * ratio, tf.int32)
-    cy = tf.random.stateless_uniform([], y_seed, minval=0, maxval=height, dtype=tf.int32)
-    cx = tf.random.stateless_uniform([], x_seed, minval=0, maxval=width, dtype=tf.int32)
-    y1 = tf.clip_by_value(cy - cut_h // 2, 0, height)
-    y2 = tf.clip_by_value(cy + cut_h // 2, 0, height)
-    x1 = tf.clip_by_value(cx - cut_w // 2, 0, width)
-    x2 = tf.clip_by_value(cx + cut_w // 2, 0, width)
-    area = tf.cast((y2 - y1) * (x2 - x1), tf.float32)
-    lam = 1.0 - area / tf.cast(height * width, tf.float32)
-    return y1, y2, x1, x2, lam
 
 
 def batch_seed(seed, epoch, index):
@@ -184,16 +114,11 @@ def concutmix_batch(
         images_b = tf.cast(load_balanced(partner), tf.float32)
         if partner_augment is not None:
             images_b = partner_augment(images_b, seeds["partner"])
-        box_rows = tf.concat(
-            [images[:, y1:y2, :x1], images_b[:, y1:y2, x1:x2], images[:, y1:y2, x2:]], axis=2
-        )
-        pasted = tf.concat([images[:, :y1], box_rows, images[:, y2:]], axis=1)
-        return tf.ensure_shape(pasted, images.shape)
+        return paste_box(images, images_b, (y1, y2, x1, x2))
 
     mixed = tf.cond(mixed_flag, paste_partners, lambda: images)
     lam = tf.where(mixed_flag, box_lam, 1.0)
-    onehot_a, onehot_b = tf.one_hot(labels, num_classes), tf.one_hot(labels_b, num_classes)
-    area_label = lam * onehot_a + (1.0 - lam) * onehot_b
+    area_label = area_labels(labels, labels_b, lam, num_classes)
 
     per_example = tf.ones([batch_size], tf.float32)
     return {
@@ -333,7 +258,7 @@ def recipe_augmentations(recipe, image_size, randaugment=None):
     ImageNet a random-resized crop of scale VIEW_CROP_SCALE + flip.
     """
     if recipe == "cifar":
-        views = partner = batch_pad_crop_flip
+        views = partner = augment_ops.batch_pad_crop_flip
     else:
 
         shape = [image_size, image_size, 3]
@@ -346,10 +271,10 @@ def recipe_augmentations(recipe, image_size, randaugment=None):
             crop = augment_ops.random_resized_crop(image, crop_seed, image_size, VIEW_CROP_SCALE)
             return tf.ensure_shape(augment_ops.random_flip(crop, flip_seed), shape)
 
-        views, partner = per_image(view_one), per_image(partner_one)
+        views, partner = augment_ops.per_image(view_one), augment_ops.per_image(partner_one)
     if not randaugment:
         return views, partner
-    strong = per_image(lambda image, seed: augment_ops.randaugment(image, seed, randaugment))
+    strong = augment_ops.per_image(lambda image, seed: augment_ops.randaugment(image, seed, randaugment))
 
     def partner_then_randaugment(images, seed):
         first, second = tf.unstack(augment_ops.split_seed(seed))

@@ -114,3 +114,53 @@ def randaugment(image, seed, layer):
     finally:
         object.__setattr__(layer, "generator", own_generator)
     return tf.clip_by_value(tf.cast(out, tf.float32), 0.0, 255.0)
+
+
+def per_image(augment_fn):
+    """Turns a per-image ``augment_fn(image, seed)`` into a batch ``augment(images, seed)``.
+
+    Each image gets its own seed split from the batch seed (e.g. ``per_image(pad_crop_flip)``).
+    """
+
+    def augment(images, seed):
+        seeds = tf.random.experimental.stateless_split(
+            tf.cast(seed, tf.int64), tf.shape(images)[0]
+        )
+        return tf.map_fn(
+            lambda args: augment_fn(args[0], args[1]),
+            (images, seeds),
+            fn_output_signature=tf.float32,
+        )
+
+    return augment
+
+
+def batch_pad_crop_flip(images, seed, pad=CIFAR_PAD):
+    """Vectorised CIFAR augmentation of a batch: zero-pad, random crop back, random flip.
+
+    Same distribution as ``per_image(pad_crop_flip)`` (each image its own offsets and flip) but
+    drawn batch-wide and applied by one nearest-neighbour ``crop_and_resize``, whose boxes may
+    reach past the image (zero fill, i.e. the padding) and run right to left (the flip).
+    """
+    offset_seed, flip_seed = tf.unstack(split_seed(seed))
+    shape = tf.shape(images)
+    batch = shape[0]
+    offsets = tf.random.stateless_uniform(
+        [batch, 2], offset_seed, minval=0, maxval=2 * pad + 1, dtype=tf.int32
+    )
+    flip = tf.random.stateless_uniform([batch, 1], flip_seed) < 0.5
+    size = tf.cast(shape[1:3], tf.float32)  # (H, W)
+    first = tf.cast(offsets - pad, tf.float32)  # source row / column of output pixel 0
+    last = first + size - 1.0
+    flip_columns = tf.concat([tf.zeros_like(flip), flip], axis=1)
+    first, last = tf.where(flip_columns, last, first), tf.where(flip_columns, first, last)
+    # Sample points sit on whole pixels, where float error could push an edge pixel just outside
+    # the image (zero fill) or a pad pixel just inside. Pulling every point towards the centre by a
+    # quarter pixel per image side keeps the rounding (nearest) and the inside test exact.
+    centre, pull = (size - 1.0) / 2.0, 1.0 - 0.25 / size
+    first, last = centre + (first - centre) * pull, centre + (last - centre) * pull
+    boxes = tf.concat([first, last], axis=1) / tf.tile(tf.maximum(size - 1.0, 1.0), [2])
+    out = tf.image.crop_and_resize(
+        images, boxes, tf.range(batch), shape[1:3], method="nearest"
+    )
+    return tf.ensure_shape(out, images.shape)

@@ -4,15 +4,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from car_tf.concutmix import (
-    balanced_indices,
-    concutmix_batch_hook,
-    concutmix_stage,
-    per_image,
-)
-from car_tf.concutmix.stage import batch_pad_crop_flip, batch_seed, concutmix_batch, cutmix_box
+from car_tf.concutmix import balanced_indices, concutmix_batch_hook, concutmix_stage
+from car_tf.concutmix.cutmix import cutmix_box
+from car_tf.concutmix.stage import batch_seed, concutmix_batch
 from car_tf.data import LabeledData, steps_per_epoch, train_dataset
-from car_tf.data.augment import pad_crop_flip
+from car_tf.data.augment import batch_pad_crop_flip, pad_crop_flip, per_image
 
 # Upper 0.1% points of the chi-square distribution (tables), by degrees of freedom.
 CHI2_CRITICAL_0001 = {3: 16.266, 9: 27.877}
