@@ -14,6 +14,10 @@ printed and written to OUTPUT_DIR/comparison.md from whatever runs have finished
 (car_tf.comparison_figures). A method "<method>_<stage>" runs a post-hoc stage on that method's
 run: dlsa (python -m car_tf.dlsa, flags from --dlsa_flags) or crt, tau_norm, posthoc_la
 (python -m car_tf.rebalance); --method_flags gives one method train flags of its own.
+
+The methods and their pairs come from the method registry (car_tf.training.methods): a method
+registered through $CAR_TF_METHODS is a row here too, and the runs this command starts inherit
+the variable.
 """
 
 import json
@@ -28,28 +32,21 @@ from absl import flags
 from car_tf import cli
 from car_tf.comparison_figures import write_figures
 from car_tf import train  # noqa: F401  (defines train's flags, so they are checked here too)
-from car_tf.losses.registry import BASE_LOSSES
+from car_tf.training import methods as registered
 
-# Method name -> the train flags that select it; "car_<base>" is CAR on that base loss.
-METHOD_FLAGS = {
-    "ce": ["--method=ce"],
-    "ldam_drw": ["--method=ldam_drw", "--lr_decay_factor=0.01"],  # the LDAM code's decay
-    "logit_adjusted": ["--method=logit_adjusted"],
-    "balanced_softmax": ["--method=balanced_softmax"],
-    "decoupled": ["--method=decoupled"],
-    "car": ["--method=car"],
-    **{f"car_{base}": ["--method=car", f"--base_loss={base}"] for base in BASE_LOSSES if base != "ce"},
-    "car_concutmix": ["--method=car", "--concutmix", "--base_loss=logit_adjusted"],
-}
-# A CAR variant -> the method it adds CAR to (the paired difference's baseline).
-PAIRED_BASE = {"car": "ce", **{f"car_{b}": b for b in BASE_LOSSES if b != "ce"}}
+# Row name -> the train flags that select it, and a row -> the row it is paired with (its paired
+# difference's baseline), both from the method registry (car_tf.training.methods.compare_variants):
+# each base loss, then each method's rows (car, car_<base> for CAR on that base loss, ...).
+VARIANTS = registered.compare_variants()
+METHOD_FLAGS = {name: list(variant.flags) for name, variant in VARIANTS.items()}
+PAIRED_BASE = {name: variant.paired_with for name, variant in VARIANTS.items() if variant.paired_with}
 # Post-hoc stages on a trained method's run, "<method>_<stage>": DLSA and classifier re-balancing
-# (car_tf.rebalance); CAR's pairs carry over (car_dlsa - ce_dlsa, ...).
+# (car_tf.rebalance); the pairs carry over (car_dlsa - ce_dlsa, ...).
 POSTHOC_COMMANDS = {
     "dlsa": ["car_tf.dlsa"],
     **{stage: ["car_tf.rebalance", f"--method={stage}"] for stage in ("crt", "tau_norm", "posthoc_la")},
 }
-POSTHOC = {f"{m}_{stage}": (m, stage) for m in METHOD_FLAGS if m != "car_concutmix" for stage in POSTHOC_COMMANDS}
+POSTHOC = {f"{m}_{stage}": (m, stage) for m, v in VARIANTS.items() if v.posthoc for stage in POSTHOC_COMMANDS}
 PAIRED_BASE.update({f"{m}_{stage}": f"{b}_{stage}" for m, b in list(PAIRED_BASE.items()) for stage in POSTHOC_COMMANDS})
 OWN_FLAGS = ("methods", "seeds", "output_dir", "method_flags", "dlsa_flags")
 

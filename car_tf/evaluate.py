@@ -64,14 +64,17 @@ def evaluate_from_flags(flag_values=flags.FLAGS):
     """Evaluates the model the flags name and writes its report; returns (report, output_dir)."""
     from car_tf.data.pipelines import eval_dataset
 
+    from car_tf.data.flags import data_config
+
     FLAGS = flag_values
     predictor = load_model_safely(FLAGS.model)
     run_info = find_run_info(FLAGS.model) or {}
+    data = data_config(FLAGS)
     if not FLAGS["image_size"].present and predictor.image_size is not None:
-        FLAGS.image_size = int(predictor.image_size[0])
-    if FLAGS.data_recipe == "auto" and run_info.get("recipe"):
-        FLAGS.data_recipe = run_info["recipe"]  # evaluate as the model was trained
-    train, test, recipe, image_size = load_datasets(FLAGS)
+        data = dataclasses.replace(data, image_size=int(predictor.image_size[0]))
+    if data.data_recipe == "auto" and run_info.get("recipe"):
+        data = dataclasses.replace(data, data_recipe=run_info["recipe"])  # evaluate as the model was trained
+    train, test, recipe, image_size = load_datasets(data)
     train, test = match_model_classes(predictor, FLAGS.model, train, test)
     if FLAGS.train_counts:
         train_counts = parse_train_counts(FLAGS.train_counts)

@@ -45,11 +45,11 @@ def write_list(path, lines):
 
 
 def data_values(*argv):
-    """The data flags alone, parsed from ``argv``."""
+    """The DataConfig of the data flags alone, parsed from ``argv``."""
     values = flags.FlagValues()
     data_flags.define_data_flags(values)
     values(["prog", *argv])
-    return values
+    return data_flags.data_config(values)
 
 
 def bomb_png(path, side=20000):

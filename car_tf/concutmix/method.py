@@ -3,21 +3,22 @@ around the classifier (its loss: logit-adjusted CE, as released)."""
 
 import dataclasses
 
-from car_tf.training.method import Method
+from car_tf.training.method import Method, Variant, setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConCutMixSettings:
-    """The released CIFAR-LT values (README, "Other methods")."""
+    """The released CIFAR-LT values (README, "Other methods"); ConCutMix is Pan et al., TIP 2024,
+    arXiv 2407.04911."""
 
-    ccm_alpha: float = 2.0
-    ccm_beta: float = 0.6
-    ccm_temperature: float = 0.1
-    ccm_top_k: int = 30
-    ccm_omega: float = 20 / 255
-    ccm_l_d_warm: int = 100
-    ccm_projection_dim: int = 128
-    ccm_cutmix_prob: float = 0.5
+    ccm_alpha: float = setting(2.0, help="Weight of the classification term.")
+    ccm_beta: float = setting(0.6, help="Weight of the balanced contrastive term.")
+    ccm_temperature: float = setting(0.1, help="Contrastive temperature.")
+    ccm_top_k: int = setting(30, help="Nearest prototypes in the semantic label.")
+    ccm_omega: float = setting(20 / 255, help="Rectification strength omega.")
+    ccm_l_d_warm: int = setting(100, help="Epochs before label rectification starts.")
+    ccm_projection_dim: int = setting(128, help="Projection-head output size.")
+    ccm_cutmix_prob: float = setting(0.5, help="Probability that a batch is mixed.")
 
 
 class ConCutMixMethod(Method):
@@ -25,6 +26,7 @@ class ConCutMixMethod(Method):
     settings_class = ConCutMixSettings
     needs_tensorflow = "mixes its batches in a tf.data stage and rectifies labels in a TensorFlow train step"
     needs_images = "mixes images and projects them through the backbone"
+    serializable_modules = ("car_tf.concutmix.model",)
 
     def is_active(self, config, base_loss):
         return config.choice.concutmix or config.choice.method == self.name
@@ -62,6 +64,11 @@ class ConCutMixMethod(Method):
             cutmix_prob=settings.ccm_cutmix_prob,
             randaugment=stream["randaugment"],
         )
+
+    def compare_variants(self, base_losses):
+        """car_concutmix: CAR on logit-adjusted CE with the ConCutMix stage (no post-hoc rows)."""
+        return {"car_concutmix": Variant(("--method=car", "--concutmix", "--base_loss=logit_adjusted"),
+                                         posthoc=False)}
 
 
 CONCUTMIX = ConCutMixMethod()

@@ -1,5 +1,5 @@
-"""Loading a data set's splits as the configuration describes (car_tf.training.config.DataConfig,
-or any object with the same attributes, such as the command lines' absl flags)."""
+"""Loading a data set's splits as the configuration describes (car_tf.training.config.DataConfig;
+the command lines build one from their flags with car_tf.data.flags)."""
 import dataclasses
 
 import numpy as np
@@ -21,8 +21,8 @@ def recipe_for(dataset, data_recipe="auto"):
     return "cifar" if dataset in CIFAR_RECIPE_DATASETS else "imagenet"
 
 
-def load_datasets(flag_values):
-    """(train LabeledData, evaluation LabeledData, recipe, image_size) from the data configuration.
+def load_datasets(config):
+    """(train LabeledData, evaluation LabeledData, recipe, image_size) from ``config``, a DataConfig.
 
     The evaluation split is the test split, or with ``validation_fraction`` a stratified share of
     each class's (long-tailed) training images, held out from training; the test split is then not
@@ -30,31 +30,34 @@ def load_datasets(flag_values):
     subsampling (sources.check_images); with --skip_corrupt the unreadable ones are left out and
     listed in each split's ``skipped``.
     """
-    name = flag_values.dataset
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"load_datasets takes a DataConfig (car_tf.training.config), not {type(config).__name__}; "
+                        "a command line builds one with car_tf.data.flags.data_config(FLAGS).")
+    name = config.dataset
     common = dict(
-        data_dir=flag_values.data_dir,
-        train_list=flag_values.train_list,
-        test_list=flag_values.test_list,
+        data_dir=config.data_dir,
+        train_list=config.train_list,
+        test_list=config.test_list,
         check_files=True,
-        skip_corrupt=flag_values.skip_corrupt,
+        skip_corrupt=config.skip_corrupt,
     )
-    imbalance_factor = flag_values.imbalance_factor
+    imbalance_factor = config.imbalance_factor
     if imbalance_factor is None and name in sources.CIFAR:
         imbalance_factor = CIFAR_IMBALANCE_FACTOR
     train = sources.load_dataset(
-        name, "train", imbalance_factor=imbalance_factor, profile=flag_values.lt_profile, **common
+        name, "train", imbalance_factor=imbalance_factor, profile=config.lt_profile, **common
     )
-    fraction = getattr(flag_values, "validation_fraction", None)
+    fraction = config.validation_fraction
     if fraction:
         fit, held_out = longtail.stratified_split(train.labels, fraction, VALIDATION_SEED)
         train, test = train.subset(fit), dataclasses.replace(train.subset(held_out), skipped=())
     else:
         test = sources.load_dataset(name, "test", **common)
-    if flag_values.data_recipe == "auto" and name in ("folder", "list"):
-        recipe, image_size = _recipe_from_images(train, flag_values.image_size)
+    if config.data_recipe == "auto" and name in ("folder", "list"):
+        recipe, image_size = _recipe_from_images(train, config.image_size)
     else:
-        recipe = recipe_for(name, flag_values.data_recipe)
-        image_size = recipes.resolve_image_size(recipe, flag_values.image_size)
+        recipe = recipe_for(name, config.data_recipe)
+        image_size = recipes.resolve_image_size(recipe, config.image_size)
     return train, test, recipe, image_size
 
 

@@ -2,21 +2,24 @@
 per-group diagnostics (README, "Other methods")."""
 
 import dataclasses
+from typing import Literal
 
 from car_tf.decoupled import terms
-from car_tf.training.method import Method
+from car_tf.training.method import Method, setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoupledSettings:
     """Weights and forms of the three terms (canonical forms; see car_tf.decoupled.terms)."""
 
-    arc_margin: float = 0.2
-    uniformity_weight: float = terms.DEFAULT_UNIFORMITY_WEIGHT
-    uniformity: str = "mhe"
-    feature_norm_weight: float = terms.DEFAULT_FEATURE_NORM_WEIGHT
-    target_norm: float = terms.DEFAULT_TARGET_NORM
-    feature_norm: str = "hinge"
+    arc_margin: float = setting(0.2, help="Additive angular margin m of the decoupled loss.")
+    uniformity_weight: float = setting(
+        terms.DEFAULT_UNIFORMITY_WEIGHT, help="Weight of the hyperspherical-uniformity term (decoupled loss).")
+    uniformity: Literal["mhe", "gaussian"] = setting("mhe", help="Uniformity term: energy or Gaussian potential.")
+    feature_norm_weight: float = setting(
+        terms.DEFAULT_FEATURE_NORM_WEIGHT, help="Weight of the feature-norm term (decoupled loss).")
+    target_norm: float = setting(terms.DEFAULT_TARGET_NORM, help="Target feature norm of the decoupled loss.")
+    feature_norm: Literal["hinge", "ring"] = setting("hinge", help="Feature-norm term form.")
 
 
 class DecoupledMethod(Method):
@@ -25,6 +28,7 @@ class DecoupledMethod(Method):
     name = "decoupled"
     settings_class = DecoupledSettings
     rebuilds_model = "clones the model to add its uniformity and feature-norm terms"
+    serializable_modules = ("car_tf.decoupled.terms",)
 
     def is_active(self, config, base_loss):
         return base_loss == self.name
@@ -51,9 +55,15 @@ class DecoupledMethod(Method):
         return [DecoupledDiagnostics(test_dataset, counts)]
 
     def report(self, settings, predictor, test_dataset, counts):
-        from car_tf.evaluation.evaluate import decoupled_report
+        from car_tf.decoupled.diagnostics import decoupled_quantities
 
-        return {"decoupled": decoupled_report(predictor, test_dataset, counts)}
+        # As car_tf.evaluation.evaluate.decoupled_report, without importing the evaluation modules,
+        # which import the registry back (to load saved models).
+        model = getattr(predictor, "model", None)
+        names = {layer.name for layer in getattr(model, "layers", ())}
+        if not {"features", "classifier"} <= names:
+            return {"decoupled": None}
+        return {"decoupled": decoupled_quantities(model, test_dataset, counts)}
 
 
 DECOUPLED = DecoupledMethod()

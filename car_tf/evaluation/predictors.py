@@ -15,14 +15,21 @@ import numpy as np
 from car_tf.training.run_directory import RUN_FILE
 
 RUN_MODEL_FILE = "model.keras"
-# Modules whose import registers the serialisable layers a car_tf model.keras can hold.
-SERIALIZABLE_MODULES = (
+# Modules whose import registers the serialisable layers any car_tf model.keras can hold; the
+# registered methods add theirs (serializable_modules).
+CORE_SERIALIZABLE_MODULES = (
     "car_tf",
     "car_tf.models",
-    "car_tf.decoupled.terms",
-    "car_tf.concutmix.model",
     "car_tf.dlsa",
 )
+
+
+def serializable_modules():
+    """The modules to import before loading a model.keras: car_tf's own, then those of every
+    registered method (car_tf.training.methods, its Method.serializable_modules)."""
+    from car_tf.training.methods import serializable_modules as methods_modules
+
+    return tuple(dict.fromkeys([*CORE_SERIALIZABLE_MODULES, *methods_modules()]))
 
 
 class ModelNotFoundError(FileNotFoundError, ValueError):
@@ -51,7 +58,7 @@ def load_keras_model(path):
     """keras.saving.load_model(path, compile=False) with car_tf's layers registered first."""
     import keras
 
-    for module in SERIALIZABLE_MODULES:
+    for module in serializable_modules():
         importlib.import_module(module)
     return keras.saving.load_model(path, compile=False)
 

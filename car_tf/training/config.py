@@ -1,51 +1,122 @@
 """The configuration of a training run: typed dataclasses, one per concern, with defaults.
 
-Field names are the command-line flags of ``python -m car_tf.train`` (README, "Training"), so a
-run's record (``flags.txt``) is written from the configuration itself and can be rerun as a
-flagfile. A method's own settings live with the method (``car_tf/<method>/method.py``); the
-configuration holds them under ``methods`` by method name.
+Every setting is written once, here: a field's name is its command-line flag of
+``python -m car_tf.train`` (README, "Training"), its default the flag's default, and its metadata
+the flag's help text and bounds (``setting``; car_tf.flags_from_config makes the flags). A run's
+record (``flags.txt``) is written from the configuration itself and can be rerun as a flagfile.
+A method's own settings live with the method (``car_tf/<method>/method.py``); the configuration
+holds them under ``settings`` by method name.
+
+``choices`` in a field's metadata names the registry its values come from (read where the flag is
+defined): "datasets", "data_recipes", "lt_profiles", "samplers", "strategies", "schedules",
+"base_losses" (with their former names) and "methods" (the base losses, the registered methods and
+the former names).
 """
 
 import dataclasses
+from typing import Literal
 
-from car_tf.data import longtail, sampling
+from car_tf.data import longtail, sampling, sources
+from car_tf.data.loading import CIFAR_IMBALANCE_FACTOR, SMALL_IMAGE_MAX
 from car_tf.losses.registry import ALIASES, BASE_LOSSES
+from car_tf.training.method import setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Where the run lives and how it executes."""
 
-    model_dir: str
-    seed: int = 0
-    deterministic: bool = False
-    strategy: str = "auto"
-    mixed_precision: str = "none"
-    jit_compile: bool = False
-    eval_on_train: bool = False
-    verbose: bool = True
-    overwrite: bool = False
+    model_dir: str = setting(help="Run directory: flags, checkpoints, logs, final model and report.")
+    seed: int = setting(0, help="Seed of weights, data order and augmentation.")
+    deterministic: bool = setting(False, help="Use deterministic TensorFlow ops (slower on GPU; exact resumes).")
+    strategy: str = setting("auto", choices="strategies", help="Distribution strategy (auto: all visible GPUs).")
+    mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"] = setting("none", help="Keras dtype policy.")
+    jit_compile: bool = setting(False, help="Compile the train step with XLA (can help on GPUs; slow to compile).")
+    eval_on_train: bool = setting(False, help="Also report per-class accuracy on the training set at the end.")
+    verbose: bool = setting(
+        True, help="Print metrics: a progress bar within each epoch on a terminal, one line per epoch in logs and pipes.")
+    overwrite: bool = setting(False, help="Delete an existing run in --model_dir and start over.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """The data set and its pipeline (car_tf.data.loading.load_datasets)."""
 
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    train_list: str | None = None
-    test_list: str | None = None
-    imbalance_factor: float | None = None
-    lt_profile: str = "exp"
-    image_size: int = 0
-    data_recipe: str = "auto"
-    skip_corrupt: bool = False
-    randaugment: bool = False
-    validation_fraction: float | None = None
-    sampler: str = "instance"  # car_tf.data.sampling.SAMPLERS: which training samples an epoch draws
+    dataset: str = setting(
+        "cifar10", choices="datasets",
+        help="Data set: cifar10 / cifar100 (made long-tailed by --imbalance_factor), imagenet_lt, "
+        "places_lt, inat2018, folder (class folders under data_dir/train and data_dir/test) or "
+        "list (--train_list / --test_list).",
+    )
+    data_dir: str | None = setting(
+        None,
+        help="Data location: CIFAR tree or .tar.gz, or the image root of the split lists; "
+        f"default ${sources.DATA_DIR_ENV}, and for CIFAR then TFDS.",
+    )
+    train_list: str | None = setting(
+        None,
+        help="Training split list ('relative/path label' lines); default: the benchmark's usual file "
+        "name inside --data_dir.",
+    )
+    test_list: str | None = setting(
+        None,
+        help="Test split list ('relative/path label' lines); default: the benchmark's usual file name "
+        "inside --data_dir.",
+    )
+    imbalance_factor: float | None = setting(
+        None, lower_bound=1.0,
+        help="n_max / n_min of a long-tailed training subset: cifar10 / cifar100 default to "
+        f"{CIFAR_IMBALANCE_FACTOR:g} (classes in index order); folder and list data are used as they "
+        "are unless it is given (then classes are ranked by size, largest first); the already "
+        "long-tailed benchmarks ignore it.",
+    )
+    lt_profile: str = setting(
+        "exp", choices="lt_profiles",
+        help="Long-tail profile: exp (n_max * IF^(-i/(C-1))) or step (half the classes n_max, the "
+        "other half n_max / IF).",
+    )
+    image_size: int = setting(
+        0, lower_bound=0,
+        help="Training and evaluation image side in pixels; 0 = the recipe default (cifar 32, imagenet 224).",
+    )
+    data_recipe: str = setting(
+        "auto", choices="data_recipes",
+        help="Augmentation recipe: cifar (pad-4 crop + flip), imagenet (random-resized crop + flip; "
+        "resize + center crop for evaluation); auto = cifar for cifar10/cifar100, for folder and "
+        f"list data cifar at the images' own size when they are at most {SMALL_IMAGE_MAX} pixels, "
+        "else imagenet.",
+    )
+    skip_corrupt: bool = setting(
+        False,
+        help="Leave unreadable images out (training: with a count; test: listed in report.json) "
+        "instead of stopping before training.",
+    )
+    randaugment: bool = setting(False, help="Add RandAugment (2 ops, magnitude 10) to the training stream.")
+    validation_fraction: float | None = setting(
+        None,
+        help="Hold out this share of each class's training images (a fixed split, the same for every seed) "
+        "and evaluate on it instead of the test split, which is then never read: for choosing "
+        "hyper-parameters (python -m car_tf.search). Unset: train on all training images, evaluate on test.",
+    )
+    sampler: str = setting(
+        "instance", choices="samplers",
+        help="Which training images an epoch draws (Kang et al., ICLR 2020): instance (a shuffle, each image "
+        "once), class_balanced (each class equally often), square_root (classes in proportion to "
+        "sqrt(n_j)) or progressive (instance moving linearly to class_balanced over --epochs); the last "
+        "three draw with replacement, keyed by (--seed, epoch).",
+    )
     # Groups of the per-class report: many > many_threshold training images, few < few_threshold.
-    many_threshold: int = longtail.MANY_ABOVE
-    few_threshold: int = longtail.FEW_BELOW
+    many_threshold: int = setting(
+        longtail.MANY_ABOVE, lower_bound=0,
+        help="A class with more than this many training images is in the 'many' group of the per-class "
+        "report (many / medium / few accuracy and worst class).",
+    )
+    few_threshold: int = setting(
+        longtail.FEW_BELOW, lower_bound=0,
+        help="A class with fewer than this many training images is in the 'few' group; the rest, up to "
+        "--many_threshold, are 'medium'. python -m car_tf.evaluate takes both from the run's run.json "
+        "unless given.",
+    )
 
     def __post_init__(self):
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
@@ -66,14 +137,36 @@ class DataConfig:
 class ModelConfig:
     """The backbone, its head and the weights it starts from (car_tf.models.create_model)."""
 
-    model: str = "resnet32"
-    head: str = "linear"
-    cosine_scale: float = 30.0
-    patch_size: int = 0
-    pretrained: str | None = None
-    frozen_backbone: bool = False
-    unfreeze_from: str | None = None
-    lora_rank: int = 0  # 0: off; r: LoRA adapters of rank r on the backbone's Dense/EinsumDense layers
+    model: str = setting("resnet32", help="Backbone name (car_tf.models.list_models()).")
+    head: Literal["linear", "cosine"] = setting("linear", help="Classifier head.")
+    cosine_scale: float = setting(30.0, help="Scale s of the cosine head.")
+    patch_size: int = setting(0, help="ViT patch size (0: the model's default of 16).")
+    pretrained: str | None = setting(
+        None,
+        help="Weights to fine-tune from: a .weights.h5 file of the same --model; with --model=keras_hub a "
+        "keras-hub preset name (resnet_50_imagenet, vit_base_patch16_224_imagenet, ...) or local preset "
+        "folder; with --model=keras_resnet50 'imagenet' or keras.applications' weights file; with "
+        "--model=efficientnet_lite0 'imagenet' (packaged, offline).",
+    )
+    frozen_backbone: bool = setting(
+        False,
+        help="Keep the backbone frozen for the whole run: its features are computed once (cached under "
+        "$CAR_TF_CACHE_DIR/features, reused by later runs on the same weights and data) and only the "
+        "head trains on them, without augmentation. model.keras is still the whole images-to-logits network.",
+    )
+    unfreeze_from: str | None = setting(
+        None,
+        help="Partial fine-tuning: train only the layers from this layer of the model (a top-level layer name, "
+        "e.g. stage7_block1_expand_conv of efficientnet_lite0) to the head; the layers before it stay "
+        "frozen, their batch norms in inference mode.",
+    )
+    # 0: off; r: LoRA adapters of rank r on the backbone's Dense/EinsumDense layers
+    lora_rank: int = setting(
+        0,
+        help="LoRA (Hu et al., ICLR 2022) of this rank on the backbone's Dense/EinsumDense layers (vit_s16, vit_b16: "
+        "all of them; --model=keras_hub: its attention query and value layers): only the adapters and the head "
+        "train. 0: off. model.keras loads as the merged network; python -m export writes it as a plain one.",
+    )
 
     def __post_init__(self):
         if not self.lora_rank >= 0:
@@ -89,21 +182,33 @@ class ModelConfig:
 class OptimizerConfig:
     """Optimizer, learning-rate schedule and fine-tuning controls."""
 
-    epochs: int = 200
-    batch_size: int = 128
+    epochs: int = setting(200, help="Training epochs.")
+    batch_size: int = setting(128, help="Global batch size (split across replicas).")
     # The optimizer updates once per N batches with their mean gradient: an effective batch of
     # N * batch_size on the memory of one batch (README, "Gradient accumulation").
-    gradient_accumulation_steps: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    lr_schedule: str = "step"
-    warmup_epochs: int = 5
-    lr_decay_epochs: tuple = (160, 180)
-    lr_decay_factor: float = 0.1
-    freeze_backbone_epochs: int = 0
-    backbone_lr_multiplier: float = 1.0
+    gradient_accumulation_steps: int = setting(
+        1,
+        help="Update the weights once per N batches with their mean gradient: an effective batch of N x --batch_size "
+        "(a multi-GPU recipe's batch on one GPU; --lr is the effective batch's). Batch norm and CAR's EMA still "
+        "update every batch; the learning-rate schedule still counts epochs.",
+    )
+    optimizer: Literal["sgd", "adamw"] = setting("sgd", help="Optimizer.")
+    lr: float = setting(0.1, help="Peak learning rate.")
+    momentum: float = setting(0.9, help="SGD momentum.")
+    weight_decay: float = setting(2e-4, help="Weight decay (Keras applies it decoupled, as AdamW does).")
+    lr_schedule: str = setting("step", choices="schedules", help="Learning-rate schedule after warm-up.")
+    warmup_epochs: int = setting(5, help="Epochs of linear learning-rate warm-up.")
+    # A list flag: the strings it holds become whole epochs in __post_init__ (or a sentence saying why not).
+    lr_decay_epochs: tuple[int, ...] = setting((160, 180), help="Epochs at which a step schedule decays.")
+    lr_decay_factor: float = setting(0.1, help="Step-decay multiplier (the LDAM code uses 0.01).")
+    freeze_backbone_epochs: int = setting(
+        0, lower_bound=0,
+        help="Epochs at the start during which the backbone does not move (a linear probe), then full fine-tuning.",
+    )
+    backbone_lr_multiplier: float = setting(
+        1.0, lower_bound=0.0,
+        help="The backbone's learning rate (and weight decay) relative to the head's, e.g. 0.1 for fine-tuning.",
+    )
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -146,10 +251,10 @@ class OptimizerConfig:
 class BaseLossConfig:
     """The base loss and its options (car_tf.losses)."""
 
-    base_loss: str = "ce"
-    la_tau: float = 1.0
-    ldam_max_margin: float = 0.5
-    ldam_scale: float = 30.0
+    base_loss: str = setting("ce", choices="base_losses", help="Base loss under CAR (--method=car).")
+    la_tau: float = setting(1.0, help="tau of logit adjustment (logits + tau log prior).")
+    ldam_max_margin: float = setting(0.5, help="Largest LDAM margin.")
+    ldam_scale: float = setting(30.0, help="LDAM logit scale.")
 
     def __post_init__(self):
         name = ALIASES.get(self.base_loss, self.base_loss)
@@ -171,8 +276,11 @@ class MethodChoice:
     """Which method trains: a base loss name, or "car" (CAR on --base_loss), "concutmix" or
     "decoupled" (alias "decoupled_reg"); ``concutmix`` adds the ConCutMix stage to any of them."""
 
-    method: str = "ce"
-    concutmix: bool = False
+    method: str = setting(
+        "ce", choices="methods",
+        help="Training method: a base loss, car (CARLoss on --base_loss), concutmix or decoupled (alias decoupled_reg).",
+    )
+    concutmix: bool = setting(False, help="Add the ConCutMix stage to the method (implied by --method=concutmix).")
 
     def __post_init__(self):
         object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
@@ -233,7 +341,13 @@ def _flag(name, value):
     return f"--{name}={value}"
 
 
-def section_from(cls, values):
-    """``cls`` built from the attributes of ``values`` named like its fields (absl FLAGS, say)."""
-    fields = {f.name: getattr(values, f.name) for f in dataclasses.fields(cls) if hasattr(values, f.name)}
-    return cls(**fields)
+# The run's own sections: TrainConfig's field -> its dataclass (the methods' settings come from
+# car_tf.training.methods.settings_classes()).
+SECTIONS = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "loss": BaseLossConfig,
+    "choice": MethodChoice,
+}

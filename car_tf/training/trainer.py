@@ -69,10 +69,8 @@ def build_optimizer(config, steps_per_epoch, classifier):
 
 def classifier_head(config, active, base_loss):
     """(head, scale): the configured head, unless a method or the base loss needs another."""
-    for method, _ in active:
-        if (needed := method.classifier_head(config)) is not None:
-            return needed
-    return required_head(base_loss) or (config.model.head, config.model.cosine_scale)
+    configured = (config.model.head, config.model.cosine_scale)
+    return methods.one_head(config, active) or required_head(base_loss) or configured
 
 
 def build_network(config, active, base_loss, num_classes, image_size):
@@ -156,8 +154,7 @@ def build_streams(config, network, train_data, test_data, *, hook, **stream):
 def build_loss(config, active, base_loss, counts):
     """The compiled loss: the base loss, wrapped by the active methods (CARLoss, say)."""
     options = config.loss.options(config.model.cosine_scale)
-    for method, settings in active:
-        options.update(method.base_loss_options(settings))
+    options.update(methods.merged(active, "base_loss_options", "base-loss option"))
     loss = get_base_loss(base_loss, counts, **options)
     for method, settings in active:
         loss = method.wrap_loss(settings, loss, counts, base_loss, options)
@@ -361,11 +358,11 @@ def train_in_locked_directory(config):
         classifier = build_classifier(config, active, network)
         loss = build_loss(config, active, base_loss, counts)
         model = classifier
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
         for method, settings in active:
             model = method.wrap_model(settings, model, classifier, counts)
-            wanted = method.compile_metrics(settings)
-            metrics = metrics if wanted is None else wanted
+        metrics = methods.at_most_one(active, "compile_metrics", "choose the compiled metrics")
+        if metrics is None:
+            metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
         model.compile(
             optimizer=build_optimizer(config, steps, classifier),
             loss=loss,
@@ -389,10 +386,8 @@ def train_in_locked_directory(config):
         skip_corrupt=config.data.skip_corrupt,
         sampler=config.data.sampler,
     )
-    hooks = [h for method, settings in active if (h := method.batch_hook(settings, train_data, stream))]
-    if len(hooks) > 1:
-        raise ValueError("only one of the run's methods may change the training batches; drop one of them.")
-    run_streams = build_streams(config, network, train_data, test_data, hook=hooks[0] if hooks else None, **stream)
+    hook = methods.at_most_one(active, "batch_hook", "change the training batches", train_data, stream)
+    run_streams = build_streams(config, network, train_data, test_data, hook=hook, **stream)
     # Everything is checked: only now is the run directory changed.
     if run.overwrite and chief:
         run_directory.start_over(run_dir)
@@ -456,8 +451,7 @@ def finish(config, active, network, classifier, train_data, test_data, run_strea
     if report is None:
         report = per_class_report(*predict_dataset(predictor, test_ds), counts, train_data.class_names,
                                   **config.data.group_thresholds())
-    for method, settings in active:
-        report.update(method.report(settings, predictor, test_ds, counts))
+    report.update(methods.merged(active, "report", "report entry", predictor, test_ds, counts))
     if config.run.eval_on_train:
         train_ds = run_streams.train_eval()
         train_report = per_class_report(*predict_dataset(predictor, train_ds), counts, train_data.class_names,

@@ -289,7 +289,7 @@ def test_flags_define_twice_and_build_datasets(tmp_path):
                  "image_size", "skip_corrupt", "data_recipe"):
         assert values[name].help
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--imbalance_factor=4", "--data_recipe=imagenet"])
-    train, test, recipe, image_size = loading.load_datasets(values)
+    train, test, recipe, image_size = loading.load_datasets(data_flags.data_config(values))
     np.testing.assert_array_equal(train.counts(), [8, 2])
     assert test.size == 16 and recipe == "imagenet" and image_size == 224
     assert loading.recipe_for("cifar100") == "cifar"
@@ -305,7 +305,7 @@ def test_folder_is_read_as_it_is_and_subsampled_by_class_size(tmp_path, caplog):
     data_flags.define_data_flags(values)
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}"])
     assert values.imbalance_factor is None
-    train, *_ = loading.load_datasets(values)
+    train, *_ = loading.load_datasets(data_flags.data_config(values))
     assert train.counts().tolist() == [12, 30, 5]  # as it is
     # Ranked by size: class_1 (30) gets n_max, class_0 (12) n_1 = floor(30 / 10^0.5), class_2 n_2.
     with caplog.at_level("INFO", logger="absl"):
@@ -329,10 +329,10 @@ def test_cifar_keeps_the_standard_profile_by_default(tmp_path, monkeypatch):
     values = flags.FlagValues()
     data_flags.define_data_flags(values)
     values(["prog", "--dataset=cifar10"])
-    loading.load_datasets(values)
+    loading.load_datasets(data_flags.data_config(values))
     assert seen == {"train": 100.0, "test": None}
     values(["prog", "--dataset=cifar10", "--imbalance_factor=10"])
-    loading.load_datasets(values)
+    loading.load_datasets(data_flags.data_config(values))
     assert seen["train"] == 10.0
 
 
@@ -389,18 +389,18 @@ def test_corrupt_images_refused_in_one_sentence_or_skipped(tmp_path):
     data_flags.define_data_flags(values)
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}"])
     with pytest.raises(ValueError) as error:
-        loading.load_datasets(values)
+        loading.load_datasets(data_flags.data_config(values))
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"The training image {tmp_path / 'train' / 'class_0'}")
     assert "(and 2 more unreadable training images)" in message and "--skip_corrupt" in message
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--skip_corrupt"])
-    train, test, _, _ = loading.load_datasets(values)
+    train, test, _, _ = loading.load_datasets(data_flags.data_config(values))
     assert train.counts().tolist() == [5, 4]  # 4 good + padded.jpg; 3 unreadable left out
     assert len(train.skipped) == 3 and test.counts().tolist() == [2, 2]
     assert test.skipped == (f"{tmp_path / 'test' / 'class_1' / 'bad.jpg'}: is not a JPEG, PNG, GIF or BMP image",)
     # Subsampling counts readable images only: the profile holds for what is trained on.
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--skip_corrupt", "--imbalance_factor=2"])
-    assert loading.load_datasets(values)[0].counts().tolist() == [5, 2]
+    assert loading.load_datasets(data_flags.data_config(values))[0].counts().tolist() == [5, 2]
 
 
 def test_missing_list_file_image_is_named_with_its_path(tmp_path):
@@ -411,7 +411,7 @@ def test_missing_list_file_image_is_named_with_its_path(tmp_path):
     data_flags.define_data_flags(values)
     values(["prog", "--dataset=list", f"--data_dir={tmp_path}", f"--train_list={train}", f"--test_list={train}"])
     with pytest.raises(ValueError, match=r"The training image .*a/missing.jpg does not exist; replace or remove"):
-        loading.load_datasets(values)
+        loading.load_datasets(data_flags.data_config(values))
 
 
 def test_auto_recipe_follows_the_image_size(tmp_path, caplog):
@@ -421,15 +421,15 @@ def test_auto_recipe_follows_the_image_size(tmp_path, caplog):
     data_flags.define_data_flags(values)
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}"])
     with caplog.at_level("INFO", logger="absl"):
-        *_, recipe, image_size = loading.load_datasets(values)
+        *_, recipe, image_size = loading.load_datasets(data_flags.data_config(values))
     assert (recipe, image_size) == ("cifar", 4)
     assert "up to 4 pixels a side, so the cifar recipe at 4 pixels" in caplog.text
     big = tf.io.encode_png(tf.zeros([70, 90, 3], tf.uint8)).numpy()
     (tmp_path / "train" / "class_0" / "000.jpg").unlink()
     (tmp_path / "train" / "class_0" / "big.png").write_bytes(big)
-    assert loading.load_datasets(values)[2:] == ("imagenet", 224)
+    assert loading.load_datasets(data_flags.data_config(values))[2:] == ("imagenet", 224)
     values(["prog", "--dataset=folder", f"--data_dir={tmp_path}", "--data_recipe=cifar"])
-    assert loading.load_datasets(values)[2:] == ("cifar", 32)
+    assert loading.load_datasets(data_flags.data_config(values))[2:] == ("cifar", 32)
 
 
 def test_tfds_cifar10_reaches_the_download_and_offline_is_one_sentence(tmp_path, monkeypatch):
