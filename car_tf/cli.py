@@ -94,6 +94,20 @@ def refuse_other_backends(program, backends=("tensorflow",)):
         sys.exit(2)
 
 
+def define_or_exit(define):
+    """``define()``: a command's flag definitions at import. Where a ``python -m car_tf.*`` command
+    is running, a user error in them (a bad $CAR_TF_METHODS entry, say) is one sentence on stderr
+    and exit code 2 (``--debug``: the trace); imported by anything else, the error is raised."""
+    try:
+        return define()
+    except USER_ERRORS as error:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is None or not spec.name.startswith("car_tf.") or "--debug" in sys.argv:
+            raise
+        print(f"{spec.name}: {sentence(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run(main, program, extra_errors=(), backends=("tensorflow",)):
     """``absl.app.run(main)``, with user errors (and ``extra_errors``) as one sentence on stderr.
 

@@ -31,7 +31,7 @@ def define_flags(flag_values=flags.FLAGS):
     )
 
 
-define_flags()
+cli.define_or_exit(define_flags)
 
 FLAGS = flags.FLAGS
 

@@ -126,3 +126,13 @@ def test_a_toy_method_is_a_folder_plus_one_registry_line(registered_toy, tiny_fo
     recorded = (out / "toy" / "seed_0" / "flags.txt").read_text()
     assert "--method=toy\n" in recorded and "--toy_scale=0.01\n" in recorded
     assert "--toy_scale=1.0\n" in (out / "ce" / "seed_0" / "flags.txt").read_text()  # ce's run: the default
+
+
+def test_a_registry_line_naming_nothing_stops_the_command_in_one_sentence(tmp_path):
+    env = {**os.environ, methods.PLUGINS_ENV: "toy_method.method:TOY"}  # its folder not on PYTHONPATH
+    done = subprocess.run([sys.executable, "-m", "car_tf.train", f"--model_dir={tmp_path / 'run'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "car_tf.train: the method toy_method.method:TOY cannot be imported (No module named 'toy_method'); "
+        "put its package's folder on PYTHONPATH or correct CAR_TF_METHODS.")
