@@ -299,64 +299,116 @@ def train(config):
         return train_in_locked_directory(config)
 
 
+@dataclasses.dataclass
+class Run:
+    """What the phases of a run share: its configuration, methods, directories, record and data."""
+
+    config: object
+    active: list
+    base_loss: str
+    chief: bool
+    run_dir: pathlib.Path
+    write_dir: pathlib.Path
+    stored: dict | None  # the run directory's recorded flags (None: a new run)
+    differing: list  # recorded flags the command changes (only --epochs may)
+    strategy: object = None
+    train_data: object = None
+    test_data: object = None
+    recipe: str = ""
+    image_size: int = 0
+    steps: int = 0
+    extended_from: list = dataclasses.field(default_factory=list)
+
+    @property
+    def checkpoint_dir(self):
+        return self.write_dir / "checkpoints"
+
+
+@dataclasses.dataclass
+class Built:
+    """The run's Keras objects: the deployable network, what trains (``classifier``, wrapped into
+    ``model``), the loss and the methods' callbacks."""
+
+    network: object
+    classifier: object
+    model: object
+    loss: object
+    callbacks: list
+
+
 def train_in_locked_directory(config):
-    """``train``, once the run directory is locked. Everything the command asks is checked (flags,
-    the run's record, the data, the model) before the run directory is changed."""
-    run = config.run
-    run_dir = pathlib.Path(run.model_dir)
+    """``train``, once the run directory is locked: prepare, build, fit, finish. Everything the
+    command asks is checked (flags, the run's record, the data, the model) before the run directory
+    is changed."""
+    run = prepare(config)
+    report = finished_report(run.write_dir, checkpointing.latest_epoch(run.checkpoint_dir), config.optimizer.epochs)
+    if run.stored is not None and report is not None:
+        print(f"{run.run_dir} already finished its {config.optimizer.epochs} epochs; its report:")
+        print(format_table(report))
+        return report
+    built = build(run)
+    initial_epoch = 0 if config.run.overwrite else checkpointing.restore(built.model, run.checkpoint_dir)
+    if initial_epoch:
+        logging.info("Resuming %s after epoch %d.", run.run_dir, initial_epoch)
+    run_streams = streams_of(run, built, initial_epoch)
+    record(run, built, initial_epoch)  # everything is checked: only now is the run directory changed
+    evaluation = fit(run, built, run_streams, initial_epoch)
+    # The last epoch's evaluation already scored the final weights; a resumed, finished run has none.
+    return finish(run, built, run_streams, evaluation.last_report)
+
+
+def prepare(config):
+    """Checks the command against the backend, the methods and the run's record, sets up the
+    strategy and loads the data; writes nothing."""
+    run_dir = pathlib.Path(config.run.model_dir)
     chief = distribute.is_chief()
     active = methods.active_methods(config)
-    base_loss = methods.effective_base_loss(config)
-    for method, _ in active:  # before anything is written or deleted
+    for method, _ in active:
         if method.needs_tensorflow and not backend.is_tensorflow():
             raise ValueError(f"{method.name} {method.needs_tensorflow}, so it cannot train under KERAS_BACKEND="
                              f"{keras.backend.backend()}; unset KERAS_BACKEND to use TensorFlow.")
     streams.check_options(config.data.randaugment)
     check_model_options(config, active)
-    if run.overwrite and chief:
+    if config.run.overwrite and chief:
         run_directory.check_start_over(run_dir)  # refuses a folder holding other files; deletes later
     current = config.flag_values()
-    stored = None if run.overwrite else run_directory.read_flagfile(run_dir)
+    stored = None if config.run.overwrite else run_directory.read_flagfile(run_dir)
     differing = []
     if stored is not None:  # refuse a different experiment before loading any data
-        defaults = run_config.TrainConfig(run=run_config.RunConfig(model_dir=run.model_dir)).flag_values()
+        defaults = run_config.TrainConfig(run=run_config.RunConfig(model_dir=config.run.model_dir)).flag_values()
         differing = run_directory.differing_flags(stored, current, defaults)
         if set(differing) - {"epochs"}:
             raise run_directory.conflict(run_dir, stored, current, differing)
-    strategy = distribute.make_strategy(run.strategy)  # first: collectives need a fresh runtime
-    if run.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(run.mixed_precision)
-    if run.deterministic:
-        distribute.enable_determinism()
-    keras.utils.set_random_seed(run.seed)
     write_dir = run_dir if chief else run_dir / "workers" / str(distribute.task_index())
-    checkpoint_dir = write_dir / "checkpoints"
-
-    train_data, test_data, recipe, image_size = load_datasets(config.data)
+    run = Run(config, active, methods.effective_base_loss(config), chief, run_dir, write_dir, stored, differing)
+    run.strategy = distribute.make_strategy(config.run.strategy)  # first: collectives need a fresh runtime
+    if config.run.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(config.run.mixed_precision)
+    if config.run.deterministic:
+        distribute.enable_determinism()
+    keras.utils.set_random_seed(config.run.seed)
+    train_data, test_data, run.recipe, run.image_size = load_datasets(config.data)
     check_evaluation_data(config, train_data, test_data)
-    train_data, test_data = streams.prepare(train_data, test_data, recipe, image_size)
-    counts = train_data.counts()
-    batch_size, epochs = config.optimizer.batch_size, config.optimizer.epochs
-    steps = recipes.steps_per_epoch(train_data, batch_size)
-    epochs_done = checkpointing.latest_epoch(checkpoint_dir)
-    extended_from = []
+    run.train_data, run.test_data = streams.prepare(train_data, test_data, run.recipe, run.image_size)
+    run.steps = recipes.steps_per_epoch(run.train_data, config.optimizer.batch_size)
     if stored is not None:
         info = run_directory.read_run_info(run_dir)
-        run_directory.check_same_data(run_dir, info, train_data.class_names, counts)
+        run_directory.check_same_data(run_dir, info, run.train_data.class_names, run.train_data.counts())
         if differing:  # only --epochs
-            stored_epochs = check_extension(config, base_loss, run_dir, stored, steps, epochs_done)
-            extended_from = [*(info or {}).get("epochs_extended_from", []), stored_epochs]
-            logging.info("Extending %s from %d to %d epochs.", run_dir, stored_epochs, epochs)
-        report = finished_report(write_dir, epochs_done, epochs)
-        if report is not None:
-            print(f"{run_dir} already finished its {epochs} epochs; its report:")
-            print(format_table(report))
-            return report
+            epochs_done = checkpointing.latest_epoch(run.checkpoint_dir)
+            stored_epochs = check_extension(config, run.base_loss, run_dir, stored, run.steps, epochs_done)
+            run.extended_from = [*(info or {}).get("epochs_extended_from", []), stored_epochs]
+            logging.info("Extending %s from %d to %d epochs.", run_dir, stored_epochs, config.optimizer.epochs)
+    return run
 
-    with strategy.scope():
-        network = build_network(config, active, base_loss, train_data.num_classes, image_size)
+
+def build(run):
+    """The network, what trains, the compiled model and the methods' callbacks, in the strategy's scope."""
+    config, active, counts = run.config, run.active, run.train_data.counts()
+    with run.strategy.scope():
+        network = build_network(config, active, run.base_loss, run.train_data.num_classes, run.image_size)
         classifier = build_classifier(config, active, network)
-        loss = build_loss(config, active, base_loss, counts)
+        loss = build_loss(config, active, run.base_loss, counts)
         model = classifier
         for method, settings in active:
             model = method.wrap_model(settings, model, classifier, counts)
@@ -364,65 +416,75 @@ def train_in_locked_directory(config):
         if metrics is None:
             metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
         model.compile(
-            optimizer=build_optimizer(config, steps, classifier),
+            optimizer=build_optimizer(config, run.steps, classifier),
             loss=loss,
             metrics=metrics or None,
-            jit_compile=run.jit_compile if backend.is_tensorflow() else "auto",  # JAX: every step compiled
+            jit_compile=config.run.jit_compile if backend.is_tensorflow() else "auto",  # JAX: every step compiled
         )
         callbacks = [c for method, settings in active for c in method.attach(settings, model, loss)]
         model.optimizer.build(model.trainable_variables)
-    initial_epoch = 0 if run.overwrite else checkpointing.restore(model, checkpoint_dir)
-    if initial_epoch:
-        logging.info("Resuming %s after epoch %d.", run_dir, initial_epoch)
+    return Built(network, classifier, model, loss, callbacks)
 
+
+def streams_of(run, built, initial_epoch):
+    """The run's input streams from ``initial_epoch`` on, with a method's batch hook if any."""
+    config = run.config
     stream = dict(
-        recipe=recipe,
-        image_size=image_size,
-        batch_size=batch_size,
-        seed=run.seed,
+        recipe=run.recipe,
+        image_size=run.image_size,
+        batch_size=config.optimizer.batch_size,
+        seed=config.run.seed,
         start_epoch=initial_epoch,
-        epochs=epochs,
+        epochs=config.optimizer.epochs,
         randaugment=config.data.randaugment,
         skip_corrupt=config.data.skip_corrupt,
         sampler=config.data.sampler,
     )
-    hook = methods.at_most_one(active, "batch_hook", "change the training batches", train_data, stream)
-    run_streams = build_streams(config, network, train_data, test_data, hook=hook, **stream)
-    # Everything is checked: only now is the run directory changed.
-    if run.overwrite and chief:
-        run_directory.start_over(run_dir)
-    if chief and (stored is None or differing):
-        write_run_files(run_dir, config, base_loss, train_data, recipe, image_size, network, extended_from)
-    trim_logs_to(write_dir, initial_epoch)
-    train_ds, test_ds = run_streams.train, run_streams.test
-    distribute.prepare_for_multi_worker(model, strategy, train_ds)
-    callbacks += callbacks_for_loss(loss, epochs)
-    callbacks += [c for method, settings in active for c in method.callbacks(settings, test_ds, counts)]
-    evaluation = PerClassEvaluation(test_ds, counts, log_dir=write_dir, class_names=train_data.class_names,
-                                    **config.data.group_thresholds())
+    hook = methods.at_most_one(run.active, "batch_hook", "change the training batches", run.train_data, stream)
+    return build_streams(config, built.network, run.train_data, run.test_data, hook=hook, **stream)
+
+
+def record(run, built, initial_epoch):
+    """Starts over (--overwrite) or records the run (flags.txt, run.json), and drops epoch records
+    past the checkpoint."""
+    if run.config.run.overwrite and run.chief:
+        run_directory.start_over(run.run_dir)
+    if run.chief and (run.stored is None or run.differing):
+        write_run_files(run.run_dir, run.config, run.base_loss, run.train_data, run.recipe, run.image_size,
+                        built.network, run.extended_from)
+    trim_logs_to(run.write_dir, initial_epoch)
+
+
+def fit(run, built, run_streams, initial_epoch):
+    """Trains the remaining epochs with the run's callbacks; returns the per-class evaluation callback."""
+    config, counts = run.config, run.train_data.counts()
+    epochs = config.optimizer.epochs
+    distribute.prepare_for_multi_worker(built.model, run.strategy, run_streams.train)
+    callbacks = [*built.callbacks, *callbacks_for_loss(built.loss, epochs)]
+    callbacks += [c for method, settings in run.active for c in method.callbacks(settings, run_streams.test, counts)]
+    evaluation = PerClassEvaluation(run_streams.test, counts, log_dir=run.write_dir,
+                                    class_names=run.train_data.class_names, **config.data.group_thresholds())
     callbacks += [
         evaluation,
-        NaNGuard(run_dir),
-        keras.callbacks.CSVLogger(str(write_dir / "history.csv"), append=True),
-        *([keras.callbacks.TensorBoard(str(write_dir / "tb"))] if backend.is_tensorflow() else []),  # tf.summary
+        NaNGuard(run.run_dir),
+        keras.callbacks.CSVLogger(str(run.write_dir / "history.csv"), append=True),
+        *([keras.callbacks.TensorBoard(str(run.write_dir / "tb"))] if backend.is_tensorflow() else []),  # tf.summary
         # Last: an epoch's records are complete before its checkpoint makes it count as done.
-        checkpointing.EpochCheckpoint(checkpoint_dir),
+        checkpointing.EpochCheckpoint(run.checkpoint_dir),
     ]
     start = time.time()
     if initial_epoch < epochs:
-        model.fit(
-            train_ds,
+        built.model.fit(
+            run_streams.train,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
+            steps_per_epoch=run.steps,
             callbacks=callbacks,
             shuffle=False,  # the stream is already shuffled, deterministically per epoch
-            verbose=(1 if sys.stdout.isatty() else 2) if run.verbose else 0,  # bar on a terminal
+            verbose=(1 if sys.stdout.isatty() else 2) if config.run.verbose else 0,  # bar on a terminal
         )
     logging.info("Training took %.1f s.", time.time() - start)
-    # The last epoch's evaluation already scored the final weights; a resumed, finished run has none.
-    return finish(config, active, network, classifier, train_data, test_data, run_streams, write_dir,
-                  evaluation.last_report)
+    return evaluation
 
 
 def with_head_of(network, head):
@@ -434,12 +496,14 @@ def with_head_of(network, head):
     return keras.Model(network.inputs, network.outputs, name=network.name)
 
 
-def finish(config, active, network, classifier, train_data, test_data, run_streams, write_dir, report=None):
+def finish(run, built, run_streams, report=None):
     """Saves the deployable model (images -> logits) as model.keras and writes the final per-class
-    report (computed if not given) of what the run trained, ``classifier``, on its streams.
+    report (computed if not given) of what the run trained on its streams.
 
     Unreadable test files that --skip_corrupt left out are listed in report.json.
     """
+    config, active, network, classifier = run.config, run.active, built.network, built.classifier
+    train_data, test_data, write_dir = run.train_data, run.test_data, run.write_dir
     trained = keras.Model(classifier.inputs, classifier.outputs, name=classifier.name)  # no training wrapper
     serving = trained
     if config.model.frozen_backbone:  # the backbone under the trained head: images -> logits
