@@ -103,6 +103,8 @@ class CARLoss(keras.losses.Loss):
         name="car_loss",
         **kwargs,
     ):
+        """Checks every option (the class docstring says what each means) before storing it: long
+        because each bad value gets its own sentence."""
         super().__init__(name=name, **kwargs)
         counts = checked_class_counts(class_counts)
         if not spec_lambda >= 0.0:  # also refuses NaN

@@ -215,6 +215,8 @@ def concutmix_stage(
             batch belongs to ``start_epoch``.
         image_size: side of B images decoded from files (file-backed sources only).
         num_parallel_calls: for the map (the output order is deterministic either way).
+    Long because it threads the stream's epoch count into every batch's seed, as the module
+    docstring describes.
     """
     if not 0.0 <= cutmix_prob <= 1.0:
         raise ValueError(f"cutmix_prob={cutmix_prob} is not a probability; pass a value in [0, 1].")

@@ -42,6 +42,7 @@ def train_dataset(
     ConCutMix stage, ``car_tf.concutmix.concutmix_batch_hook``). sampler: which samples an epoch
     draws (car_tf.data.sampling.SAMPLERS): instance shuffles the data; the others draw each epoch's
     steps * batch_size indices with car_tf.data.sampling.epoch_indices, keyed by (seed, epoch).
+    Long because the skip-and-refill of unreadable files and the batch hook are steps of the one stream.
     """
     sampling.check_sampler(sampler)
     image_size = resolve_image_size(recipe, image_size)

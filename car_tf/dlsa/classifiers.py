@@ -107,6 +107,8 @@ def train_stage_classifier(
         features, side: float32 [N, D] and [N, S] training inputs; labels: int [N].
         validation: optional (features, side, labels) of the stage's validation samples.
     History: per-epoch "loss" and "val_balanced_accuracy", and the kept "best_epoch" (0-based).
+    Long because DLSA's stage classifier keeps its own loop (balanced softmax, epoch selection on
+    validation).
     """
     features = np.asarray(features, np.float32)
     side = np.asarray(side, np.float32)

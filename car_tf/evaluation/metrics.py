@@ -288,6 +288,7 @@ def per_class_report(
     ``macro_f1``, ``worst_class`` / ``worst_class_accuracy`` and ``group_worst``, each group's
     class of lowest recall ({"class_id", "name", "accuracy", "train_count"}, None for an empty
     group). Each per-class row adds the class's precision and F1 and whether it is its group's worst.
+    It is long because it writes the report's every entry in one place, as report.json has them.
     """
     scores = np.asarray(probs_or_logits, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -296,12 +297,9 @@ def per_class_report(
     num_classes = len(train_counts)
     names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
 
-    probs = to_probabilities(scores)
-    predictions = scores.argmax(axis=-1)
+    probs, predictions = to_probabilities(scores), scores.argmax(axis=-1)
     confusion = confusion_matrix(predictions, labels, num_classes)
-    accuracy = per_class_accuracy(confusion)
-    precision = per_class_precision(confusion)
-    f1 = per_class_f1(confusion)
+    accuracy, precision, f1 = per_class_accuracy(confusion), per_class_precision(confusion), per_class_f1(confusion)
     thresholds = {"many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
     groups = class_groups(train_counts, **thresholds)
     worst = int(np.nanargmin(accuracy))
@@ -322,12 +320,7 @@ def per_class_report(
         "worst_class": names[worst],
         "worst_10pct_mean": worst_fraction_mean(accuracy, 0.1),
         "group_worst": {
-            name: None if j is None else {
-                "class_id": j,
-                "name": names[j],
-                "accuracy": float(accuracy[j]),
-                "train_count": int(train_counts[j]),
-            }
+            name: None if j is None else _class_entry(j, names, accuracy, train_counts)
             for name, j in group_worst.items()
         },
         "harmonic_mean_recall": harmonic_mean_recall(accuracy),
@@ -336,23 +329,16 @@ def per_class_report(
         "zero_recall_classes": zero_recall,
         "notes": [note for note in (zero_recall_note(zero_recall), nonfinite_logits_note(scores)) if note],
         "spectral_norm": confusion_spectral_norm(confusion),
-        "weighted_spectral_norm": confusion_spectral_norm(
-            confusion, car_weights(train_counts, r0, count_based)
-        ),
+        "weighted_spectral_norm": confusion_spectral_norm(confusion, car_weights(train_counts, r0, count_based)),
         "ece": expected_calibration_error(probs, labels, num_bins),
-        "reliability": {
-            "count": bin_count.tolist(),
-            "confidence": bin_confidence.tolist(),
-            "accuracy": bin_accuracy.tolist(),
-        },
+        "reliability": {"count": bin_count.tolist(), "confidence": bin_confidence.tolist(),
+                        "accuracy": bin_accuracy.tolist()},
         "per_class": [
             {
-                "class_id": j,
-                "name": names[j],
-                "group": str(groups[j]),
-                "train_count": int(train_counts[j]),
-                "test_count": int(test_counts[j]),
+                **_class_entry(j, names, accuracy, train_counts),
                 "accuracy": _none_if_nan(accuracy[j]),
+                "group": str(groups[j]),
+                "test_count": int(test_counts[j]),
                 "precision": _none_if_nan(precision[j]),
                 "f1": _none_if_nan(f1[j]),
                 "worst_in_group": group_worst[str(groups[j])] == j,
@@ -360,3 +346,7 @@ def per_class_report(
             for j in range(num_classes)
         ],
     }
+
+
+def _class_entry(j, names, accuracy, train_counts):
+    return {"class_id": j, "name": names[j], "accuracy": float(accuracy[j]), "train_count": int(train_counts[j])}

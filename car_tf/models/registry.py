@@ -101,6 +101,7 @@ def create_model(
         of the backbone: only the adapters and the head train (car_tf.models.lora; README, "LoRA").
         Refused for a backbone without such layers (the CNNs).
       **backbone_options: options of the backbone builder (e.g. ``patch_size`` for ViT).
+    Long because it checks every argument a user passes before building anything.
     """
     if name in _ECOSYSTEM:
         if backbone_options or normalization:
