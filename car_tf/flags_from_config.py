@@ -62,16 +62,15 @@ def _schedules():
 
 
 def _base_losses():
-    from car_tf.losses.registry import ALIASES, BASE_LOSSES
+    from car_tf.losses.registry import BASE_LOSSES
 
-    return [*BASE_LOSSES, *ALIASES]
+    return list(BASE_LOSSES)
 
 
 def _methods():
-    from car_tf.losses.registry import ALIASES
     from car_tf.training.methods import method_names
 
-    return [*method_names(), *ALIASES]
+    return list(method_names())
 
 
 # Registries a field's metadata "choices" may name: name -> () -> the accepted values, in order.

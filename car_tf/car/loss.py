@@ -45,7 +45,7 @@ class CARLoss(keras.losses.Loss):
     Args:
         class_counts: training images per class (length K, all positive).
         base: name of a base loss ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax",
-            "decoupled_reg") or a keras Loss whose ``call`` returns per-sample losses.
+            "decoupled") or a keras Loss whose ``call`` returns per-sample losses.
         base_kwargs: keyword arguments for a named base loss.
         spec_lambda: weight lambda of the penalty (released default 0.3).
         beta: EMA momentum (released code 0.9; the paper's setting 0.5).

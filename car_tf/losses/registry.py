@@ -1,6 +1,6 @@
 """Base losses by name, and the callbacks a loss needs during training.
 
-"decoupled" (alias "decoupled_reg") is the decoupled method's margin term (car_tf.decoupled): the
+"decoupled" is the decoupled method's margin term (car_tf.decoupled): the
 model also needs the uniformity and feature-norm terms from ``attach_decoupled_terms`` and a
 cosine classifier whose scale equals the loss's ``scale``.
 """
@@ -14,8 +14,6 @@ from car_tf.losses.ldam import DRWSchedule, LDAMLoss
 from car_tf.losses.logit_adjusted import LogitAdjustedLoss
 
 BASE_LOSSES = ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax", "decoupled")
-# Former names still accepted.
-ALIASES = {"decoupled_reg": "decoupled"}
 
 # DRW starts at epoch 160 of 200 in the CIFAR-LT recipe; other run lengths keep the fraction.
 DRW_START_FRACTION = 0.8
@@ -40,7 +38,6 @@ def get_base_loss(name, class_counts, **kwargs):
     "balanced_softmax" is LogitAdjustedLoss with tau fixed at 1; "ce" and "decoupled" ignore
     class_counts.
     """
-    name = ALIASES.get(name, name)
     if name == "ce":
         return _build(CrossEntropy, {}, kwargs)
     if name == "ldam_drw":
@@ -79,4 +76,4 @@ def required_head(name):
 
     LDAM, as released, takes plain cosines (scale 1) and applies its own scale.
     """
-    return ("cosine", 1.0) if ALIASES.get(name, name) == "ldam_drw" else None
+    return ("cosine", 1.0) if name == "ldam_drw" else None

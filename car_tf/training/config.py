@@ -18,7 +18,7 @@ from typing import Literal
 
 from car_tf.data import longtail, sampling, sources
 from car_tf.data.loading import CIFAR_IMBALANCE_FACTOR, SMALL_IMAGE_MAX
-from car_tf.losses.registry import ALIASES, BASE_LOSSES
+from car_tf.losses.registry import BASE_LOSSES
 from car_tf.training.method import setting
 
 
@@ -257,10 +257,8 @@ class BaseLossConfig:
     ldam_scale: float = setting(30.0, help="LDAM logit scale.")
 
     def __post_init__(self):
-        name = ALIASES.get(self.base_loss, self.base_loss)
-        if name not in BASE_LOSSES:
+        if self.base_loss not in BASE_LOSSES:
             raise ValueError(f"--base_loss={self.base_loss!r} is not known; use one of {', '.join(BASE_LOSSES)}.")
-        object.__setattr__(self, "base_loss", name)
 
     def options(self, cosine_scale):
         """Keyword options of the base loss (the decoupled loss takes its margin from its method)."""
@@ -274,16 +272,13 @@ class BaseLossConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodChoice:
     """Which method trains: a base loss name, or "car" (CAR on --base_loss), "concutmix" or
-    "decoupled" (alias "decoupled_reg"); ``concutmix`` adds the ConCutMix stage to any of them."""
+    "decoupled"; ``concutmix`` adds the ConCutMix stage to any of them."""
 
     method: str = setting(
         "ce", choices="methods",
-        help="Training method: a base loss, car (CARLoss on --base_loss), concutmix or decoupled (alias decoupled_reg).",
+        help="Training method: a base loss, car (CARLoss on --base_loss), concutmix or decoupled.",
     )
     concutmix: bool = setting(False, help="Add the ConCutMix stage to the method (implied by --method=concutmix).")
-
-    def __post_init__(self):
-        object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

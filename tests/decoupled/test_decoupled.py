@@ -230,13 +230,13 @@ def blobs(rng, counts, dim=6):
     return (centers[labels] + rng.normal(size=(labels.size, dim))).astype(np.float32), labels
 
 
-def test_tiny_model_trains_with_decoupled_reg_and_beats_chance():
+def test_tiny_model_trains_with_the_decoupled_loss_and_beats_chance():
     rng = np.random.default_rng(6)
     counts = [150, 60, 30, 12]
     x, y = blobs(rng, counts)
     keras.utils.set_random_seed(7)
     model = attach_decoupled_terms(tiny_model(width=16))
-    model.compile(keras.optimizers.Adam(0.01), loss=get_base_loss("decoupled_reg", counts,
+    model.compile(keras.optimizers.Adam(0.01), loss=get_base_loss("decoupled", counts,
                                                                    scale=SCALE))
     model.fit(x, y, batch_size=32, epochs=15, verbose=0)
     test_x, test_y = blobs(np.random.default_rng(6), [40] * 4)

@@ -153,7 +153,7 @@ def test_backbone_multiplier_and_freeze_against_plain_sgd():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [["--method=car"], ["--method=concutmix", "--ccm_top_k=2"], ["--method=decoupled_reg"]])
+@pytest.mark.parametrize("method", [["--method=car"], ["--method=concutmix", "--ccm_top_k=2"], ["--method=decoupled"]])
 def test_tiny_fine_tuning_run_freezes_unfreezes_and_evaluates(method, tiny_folder, tmp_path):
     preset = small_resnet_preset(tmp_path / "preset", image_size=16)
     run = tmp_path / "run"
@@ -165,7 +165,7 @@ def test_tiny_fine_tuning_run_freezes_unfreezes_and_evaluates(method, tiny_folde
     assert 0.0 <= report["top1"] <= 1.0 and len(report["per_class"]) == 3
 
     model = create_model("keras_hub", 3, weights=str(preset), input_shape=(16, 16, 3),
-                         head="cosine" if "decoupled_reg" in method[0] else "linear")
+                         head="cosine" if "decoupled" in method[0] else "linear")
     backbone = next(layer for layer in model.layers if isinstance(layer, keras_hub.models.Backbone))
     initial = [w.numpy() for w in backbone.trainable_weights]
     after = {}

@@ -22,7 +22,7 @@ from car_tf.training.method import Method, setting
 FLAGS_USERS_TYPE = {
     "arc_margin": ("float", 0.2, None, None),
     "backbone_lr_multiplier": ("float", 1.0, None, 0.0),
-    "base_loss": ("enum", 'ce', ('ce', 'ldam_drw', 'logit_adjusted', 'balanced_softmax', 'decoupled', 'decoupled_reg'), None),
+    "base_loss": ("enum", 'ce', ('ce', 'ldam_drw', 'logit_adjusted', 'balanced_softmax', 'decoupled'), None),
     "batch_size": ("int", 128, None, None),
     "ccm_alpha": ("float", 2.0, None, None),
     "ccm_beta": ("float", 0.6, None, None),
@@ -61,7 +61,7 @@ FLAGS_USERS_TYPE = {
     "lr_schedule": ("enum", 'step', ('step', 'cosine', 'constant'), None),
     "lt_profile": ("enum", 'exp', ('exp', 'step'), None),
     "many_threshold": ("int", 100, None, 0),
-    "method": ("enum", 'ce', ('ce', 'ldam_drw', 'logit_adjusted', 'balanced_softmax', 'decoupled', 'car', 'concutmix', 'decoupled_reg'), None),
+    "method": ("enum", 'ce', ('ce', 'ldam_drw', 'logit_adjusted', 'balanced_softmax', 'decoupled', 'car', 'concutmix'), None),
     "mixed_precision": ("enum", 'none', ('none', 'mixed_float16', 'mixed_bfloat16'), None),
     "model": ("str", 'resnet32', None, None),
     "model_dir": ("str", None, None, None),
@@ -197,7 +197,7 @@ def _record_config():
                                     lr=0.001, momentum=0.8, weight_decay=0.05, lr_schedule="cosine", warmup_epochs=3,
                                     lr_decay_epochs=(30, 60, 80), lr_decay_factor=0.2, freeze_backbone_epochs=2,
                                     backbone_lr_multiplier=0.1),
-        loss=c.BaseLossConfig(base_loss="decoupled_reg", la_tau=1.5, ldam_max_margin=0.4, ldam_scale=20.0),
+        loss=c.BaseLossConfig(base_loss="decoupled", la_tau=1.5, ldam_max_margin=0.4, ldam_scale=20.0),
         choice=c.MethodChoice(method="car", concutmix=True),
         settings={
             "decoupled": DecoupledSettings(arc_margin=0.3, uniformity_weight=0.2, uniformity="gaussian",
@@ -277,11 +277,6 @@ def test_the_flags_users_type_keep_their_names_defaults_and_values():
         assert kinds[type(flag.parser)] == kind and flag.default == default, name
         assert getattr(flag.parser, "enum_values", None) == (list(choices) if choices else None), name
         assert getattr(flag.parser, "lower_bound", None) == lower, name
-    # The former name of the decoupled method is still accepted, as --method and as --base_loss.
-    config = train_cli.config_from_flags(_train_flags("--model_dir=x", "--method=decoupled_reg"))
-    assert config.choice.method == "decoupled" and methods.effective_base_loss(config) == "decoupled"
-    config = train_cli.config_from_flags(_train_flags("--model_dir=x", "--method=car", "--base_loss=decoupled_reg"))
-    assert config.loss.base_loss == "decoupled"
     with pytest.raises(flags.IllegalFlagValueError):
         _train_flags("--image_size=-1")
     with pytest.raises(ValueError, match="--model_dir is required"):
