@@ -12,6 +12,7 @@ import pathlib
 
 import numpy as np
 
+from car_tf.training import run_directory
 from car_tf.training.run_directory import RUN_FILE
 
 RUN_MODEL_FILE = "model.keras"
@@ -37,21 +38,20 @@ class ModelNotFoundError(FileNotFoundError, ValueError):
 
 
 def read_run_info(run_dir):
-    """The run.json of a run directory as a dict."""
-    path = pathlib.Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} does not exist; pass a run directory written by car_tf.train.")
-    return json.loads(path.read_text())
+    """The run.json of a run directory as a dict; a folder without one is refused in one sentence."""
+    info = run_directory.read_run_info(run_dir)
+    if info is None:
+        raise ModelNotFoundError(f"{pathlib.Path(run_dir) / RUN_FILE} does not exist; pass a run directory "
+                                 "written by car_tf.train.")
+    return info
 
 
 def find_run_info(path, levels=2):
     """run.json of ``path`` or of a parent up to ``levels`` above it (an export inside a run), else None."""
     path = pathlib.Path(path).resolve()
     candidates = [path] + list(path.parents)[:levels]
-    for folder in candidates:
-        if (folder / RUN_FILE).is_file():
-            return json.loads((folder / RUN_FILE).read_text())
-    return None
+    found = (run_directory.read_run_info(folder) for folder in candidates)
+    return next((info for info in found if info is not None), None)
 
 
 def load_keras_model(path):
