@@ -67,14 +67,16 @@ def define_flags():
 
 
 def per_method_flags(items, methods):
-    """{method: [train flags]} from --method_flags items "METHOD:--a=1,--b=2"; ValueError names a bad item."""
+    """{method: [train flags]} from --method_flags items "METHOD:--a=1,--b=2", METHOD one of ``methods``
+    or the trained method under one of their post-hoc rows; ValueError names a bad item."""
+    trained = [*methods, *(POSTHOC[m][0] for m in methods if m in POSTHOC)]
     extra = {}
     for item in items:
         method, _, values = item.partition(":")
         given = [v for v in values.split(",") if v]
-        if method not in methods or not given or not all(v.startswith("--") for v in given):
+        if method not in trained or not given or not all(v.startswith("--") for v in given):
             raise ValueError(f"--method_flags={item} must read METHOD:--flag=value[,--flag=value] with METHOD "
-                             f"one of --methods ({', '.join(methods)}).")
+                             f"one of --methods or the methods under their post-hoc rows ({', '.join(trained)}).")
         extra.setdefault(method, []).extend(given)
     return extra
 

@@ -57,6 +57,7 @@ def test_bad_choices_are_one_sentence(methods, seeds, message):
 def test_method_flags_go_to_their_method_alone():
     found = compare.per_method_flags(["car:--spec_lambda=1.0,--lr=0.2", "ce:--lr=0.3"], ["ce", "car"])
     assert found == {"car": ["--spec_lambda=1.0", "--lr=0.2"], "ce": ["--lr=0.3"]}
+    assert compare.per_method_flags(["car:--lr=0.5"], ["car_dlsa"]) == {"car": ["--lr=0.5"]}  # the run DLSA reads
     for bad in ("cat:--lr=1", "car:lr=1", "car:"):
         with pytest.raises(ValueError, match="must read METHOD:--flag=value"):
             compare.per_method_flags([bad], ["ce", "car"])
