@@ -108,11 +108,11 @@ def step_times(train, test, steps):
 
 
 def launch(method, epochs, tree, output_dir, env):
-    from car_tf.compare import METHOD_FLAGS
+    from car_tf.training.methods import compare_variants  # not car_tf.compare: it defines train's flags here
 
     run_dir = output_dir / "runs" / method
     command = [sys.executable, "-m", "car_tf.train", f"--flagfile={RECIPE}", f"--data_dir={tree}",
-               f"--imbalance_factor={FLAGS.imbalance_factor}", *scaled_schedule(epochs), *METHOD_FLAGS[method],
+               f"--imbalance_factor={FLAGS.imbalance_factor}", *scaled_schedule(epochs), *compare_variants()[method].flags,
                "--eval_on_train",
                "--noverbose", f"--model_dir={run_dir}"]
     log = open(output_dir / f"{method}.log", "w")
