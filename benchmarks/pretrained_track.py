@@ -8,9 +8,13 @@ EfficientNet-Lite0 ImageNet features of CIFAR-10-LT, settings chosen on validati
    each --vary value one flag at a time. The same schedule values are tried for every method; the
    CAR variants also try lambda 1.0 (the paper's best is about 0.5, the code's 0.3) and count-based
    frequency weights.
-2. For each imbalance factor, ``car_tf.compare`` of every method with the settings chosen for it,
-   and DLSA on the CE and CAR runs, over the seeds: tables, paired differences and figures in
-   OUTPUT_DIR/if<IF>/.
+2. For each imbalance factor, ``car_tf.compare`` of every method with the settings chosen for it
+   over the seeds (at IF 100 also cRT, tau-normalisation and post-hoc logit adjustment of the CE
+   runs): tables, paired differences and figures in OUTPUT_DIR/if<IF>/.
+3. At IF 100, the controls that separate CAR's penalty from its chosen learning rate: CAR at CE's
+   settings (OUTPUT_DIR/if100_same_settings) and CE at CAR's learning rate (OUTPUT_DIR/if100_lr05).
+4. DLSA on the CE and CAR runs at IF 100, seeds 0-1 (``--dlsa_seeds``), at a fifth of its default
+   epochs (the defaults take over 15 minutes a fit on this CPU).
 
 Every step resumes: rerun the command after an interruption.
 """
@@ -32,15 +36,13 @@ TRAINED = {  # method -> the train flags that select it (as car_tf.compare's MET
 }
 SCHEDULE_VARY = ["--vary=lr=0.02,0.5", "--vary=epochs=30"]
 CAR_VARY = ["--vary=spec_lambda=1.0", "--vary=spec_count_weights=true"]
-POSTHOC = ["ce_dlsa", "car_dlsa"]
-# DLSA's flows and classifiers at a fifth of their default epochs: the defaults take over 15 minutes
-# a fit on this CPU, and the comparison fits DLSA 20 times.
+REBALANCED = ["ce_crt", "ce_tau_norm", "ce_posthoc_la"]
 DLSA_FLAGS = "--dlsa_flags=--flow_epochs=10,--classifier_epochs=30"
 
 flags.DEFINE_string("output_dir", None, "Where the searches and comparisons go.")
 flags.DEFINE_list("imbalance_factors", ["100", "10"], "CIFAR-10-LT imbalance factors to compare at.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds of the comparisons.")
-flags.DEFINE_list("methods", [*TRAINED, *POSTHOC], "Methods compared.")
+flags.DEFINE_list("dlsa_seeds", ["0", "1"], "Seeds of the DLSA rows at IF 100.")
 flags.mark_flag_as_required("output_dir")
 FLAGS = flags.FLAGS
 
@@ -59,20 +61,27 @@ def chosen_flags(output_dir, method):
     return json.loads((where / "search.json").read_text())["flags"]
 
 
+def compare(output_dir, name, *arguments, factor="100", seeds=None):
+    run(["car_tf.compare", f"--flagfile={FLAGFILE}", f"--imbalance_factor={factor}",
+         f"--seeds={','.join(seeds or FLAGS.seeds)}", *arguments, f"--output_dir={output_dir / name}"])
+
+
 def main(argv):
     del argv
     output_dir = pathlib.Path(FLAGS.output_dir)
-    trained = [m for m in TRAINED if m in FLAGS.methods or f"{m}_dlsa" in FLAGS.methods]
     method_flags = []
-    for method in trained:
+    for method in TRAINED:
         found = chosen_flags(output_dir, method)
         if found:
             method_flags.append(f"--method_flags={method}:{','.join(found)}")
     (output_dir / "chosen.json").write_text(json.dumps(method_flags, indent=1) + "\n")
     for factor in FLAGS.imbalance_factors:
-        run(["car_tf.compare", f"--flagfile={FLAGFILE}", f"--imbalance_factor={factor}",
-             f"--methods={','.join(FLAGS.methods)}", f"--seeds={','.join(FLAGS.seeds)}", *method_flags, DLSA_FLAGS,
-             f"--output_dir={output_dir / f'if{factor}'}"])
+        methods = [*TRAINED, *(REBALANCED if factor == "100" else [])]
+        compare(output_dir, f"if{factor}", f"--methods={','.join(methods)}", *method_flags, factor=factor)
+    compare(output_dir, "if100_same_settings", "--methods=car")
+    compare(output_dir, "if100_lr05", "--methods=ce", "--lr=0.5")
+    car_flags = [f for f in method_flags if f.startswith("--method_flags=car:")]
+    compare(output_dir, "if100", "--methods=ce_dlsa,car_dlsa", *car_flags, DLSA_FLAGS, seeds=FLAGS.dlsa_seeds)
 
 
 if __name__ == "__main__":
