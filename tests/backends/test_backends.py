@@ -17,8 +17,8 @@ import pytest
 
 import car_tf
 import car_tf.models  # noqa: F401  (registers the layers a saved model names)
-from car.test_math import (np_batch_confusion, np_frequency_weights, np_softmax, np_sparse_ema,
-                           numeric_gradient)
+from car.test_math import (np_batch_confusion, np_confusion_with_fixed_gate, np_frequency_weights, np_softmax,
+                           np_sparse_ema, numeric_gradient)
 from backend_env import OFF_TENSORFLOW
 
 RUNS = pathlib.Path(__file__).with_name("backend_runs.py")
@@ -56,12 +56,7 @@ def car_reference(results, lam=0.5, beta=0.6, first_batch=False):
             ce = -np.log(probs[np.arange(len(y)), y]).mean()
             if frozen:
                 return ce + lam * np.linalg.norm(np_batch_confusion(fixed, y) * weights[None, :], 2)
-            current = np.zeros((k, k))
-            for q, j in enumerate(y):
-                for i in range(k):
-                    if i != j:
-                        gate = 1 / (1 + np.exp(-(fixed[q, i] - fixed[q, j])))
-                        current[i, j] += gate * probs[q, i] / np.sum(y == j)
+            current = np_confusion_with_fixed_gate(fixed, probs, y)
             return ce + lam * np.linalg.norm((beta * ema + (1 - beta) * current) * weights[None, :], 2)
 
         value, gradient = objective(w), numeric_gradient(objective, w, 1e-6)

@@ -17,6 +17,19 @@ def np_sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def np_confusion_with_fixed_gate(fixed_logits, probs, labels):
+    """C_t with the gate sigmoid(f_i - f_j) taken from ``fixed_logits`` (the stop-gradient) and the
+    softmax ``probs`` free: what the penalty's gradient sees, for finite-difference references."""
+    k = probs.shape[1]
+    current = np.zeros((k, k))
+    for q, j in enumerate(labels):
+        for i in range(k):
+            if i != j:
+                gate = 1 / (1 + np.exp(-(fixed_logits[q, i] - fixed_logits[q, j])))
+                current[i, j] += gate * probs[q, i] / np.sum(labels == j)
+    return current
+
+
 def np_batch_confusion(logits, labels, temperature=1.0, margin=0.0):
     """Loop-by-loop transcription of the CAR paper (CVPR 2026, arXiv 2603.16732) for integer or soft (top-2) labels."""
     batch, k = logits.shape

@@ -16,7 +16,9 @@ import pytest
 
 import car_tf
 from backends.backend_runs import COUNTS, tiny_model, toy_data
-from car.test_math import np_batch_confusion, np_frequency_weights, np_softmax, numeric_gradient
+from car.test_math import (
+    np_batch_confusion, np_confusion_with_fixed_gate, np_frequency_weights, np_softmax, numeric_gradient,
+)
 from car_tf import train as train_cli
 from car_tf.losses.registry import callbacks_for_loss, get_base_loss
 from car_tf.training import config as run_config
@@ -113,12 +115,7 @@ def car_accumulation_reference(w, batches, lam, beta, lr):
         def objective(wv, x=x, y=y, fixed=fixed, ema=ema):
             probs = np_softmax(x @ wv)
             ce = -np.log(probs[np.arange(len(y)), y]).mean()
-            current = np.zeros((k, k))
-            for q, j in enumerate(y):
-                for i in range(k):
-                    if i != j:
-                        gate = 1 / (1 + np.exp(-(fixed[q, i] - fixed[q, j])))
-                        current[i, j] += gate * probs[q, i] / np.sum(y == j)
+            current = np_confusion_with_fixed_gate(fixed, probs, y)
             return ce + lam * np.linalg.norm((beta * ema + (1 - beta) * current) * weights[None, :], 2)
 
         pending.append(numeric_gradient(objective, w, 1e-6))
