@@ -71,6 +71,16 @@ def drw_start_epoch(epochs):
     return round(DRW_START_FRACTION * epochs)
 
 
+def length_dependence(name, epochs, other_epochs, epochs_done):
+    """Why the base loss ``name`` treats epochs 0 .. epochs_done - 1 differently in runs of ``epochs``
+    and ``other_epochs`` epochs ("" where it does not): LDAM-DRW's re-weighting starts at a share of
+    the run."""
+    if name == "ldam_drw" and min(drw_start_epoch(epochs), epochs_done) != min(drw_start_epoch(other_epochs),
+                                                                              epochs_done):
+        return "LDAM-DRW re-weighting"
+    return ""
+
+
 def required_head(name):
     """(head, scale) the base loss ``name`` needs on the classifier, or None for any head.
 

@@ -25,7 +25,7 @@ from car_tf.evaluation.callback import PerClassEvaluation
 from car_tf.evaluation.metrics import per_class_report
 from car_tf.evaluation.predictors import KerasPredictor, predict_dataset
 from car_tf.evaluation.report import format_table, write_report
-from car_tf.losses.registry import callbacks_for_loss, drw_start_epoch, get_base_loss, required_head
+from car_tf.losses.registry import callbacks_for_loss, get_base_loss, length_dependence, required_head
 from car_tf.models import create_model
 from car_tf.models.feature_cache import cached_features, head_model
 from car_tf.training import checkpointing, distribute, methods, optimizers, run_directory, schedules
@@ -164,21 +164,17 @@ def build_loss(config, active, base_loss, counts):
 def done_epochs_unchanged(config, base_loss, stored_epochs, steps, epochs_done):
     """True when epochs 0 .. epochs_done - 1 see the same schedule in a run of the configured length.
 
-    The learning rate of every step already taken, LDAM-DRW's re-weighting and the sampler's
-    draws must not depend on the run's length: true of step and constant schedules, not of a
-    cosine one nor of the progressive sampler.
+    The learning rate of every step already taken, the base loss's own schedule (LDAM-DRW's
+    re-weighting) and the sampler's draws must not depend on the run's length: true of step and
+    constant schedules, not of a cosine one nor of the progressive sampler.
     """
     if config.data.sampler == "progressive" and epochs_done and stored_epochs != config.optimizer.epochs:
         return False
     taken = np.arange(epochs_done * steps)
     old = np.asarray(build_schedule(config, steps, stored_epochs)(taken))
     new = np.asarray(build_schedule(config, steps, config.optimizer.epochs)(taken))
-    if not np.array_equal(old, new):
-        return False
-    if base_loss == "ldam_drw":
-        epochs = config.optimizer.epochs
-        return min(drw_start_epoch(stored_epochs), epochs_done) == min(drw_start_epoch(epochs), epochs_done)
-    return True
+    return np.array_equal(old, new) and not length_dependence(base_loss, stored_epochs, config.optimizer.epochs,
+                                                              epochs_done)
 
 
 def check_extension(config, base_loss, run_dir, stored, steps, epochs_done):
@@ -188,10 +184,11 @@ def check_extension(config, base_loss, run_dir, stored, steps, epochs_done):
     if config.optimizer.epochs < max(stored_epochs, epochs_done):
         raise run_directory.conflict(run_dir, stored, current, ["epochs"], ": a run cannot be shortened")
     if not done_epochs_unchanged(config, base_loss, stored_epochs, steps, epochs_done):
+        loss_reason = length_dependence(base_loss, stored_epochs, config.optimizer.epochs, epochs_done)
         reason = (
             f": a longer run would change the schedule of the {epochs_done} epochs already trained "
             f"(--lr_schedule={config.optimizer.lr_schedule}, --sampler={config.data.sampler}"
-            f"{', LDAM-DRW re-weighting' if base_loss == 'ldam_drw' else ''})"
+            f"{', ' + loss_reason if loss_reason else ''})"
         )
         raise run_directory.conflict(run_dir, stored, current, ["epochs"], reason)
     return stored_epochs

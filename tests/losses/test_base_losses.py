@@ -253,3 +253,12 @@ def test_class_ids_of_int_column_and_soft_labels():
     soft = np.array([[0.1, 0.2, 0.7], [0.6, 0.4, 0.0]], np.float32)
     np.testing.assert_array_equal(class_ids(soft), [2, 0])
     assert class_ids(soft).dtype == np.int64
+
+
+def test_ldam_drw_makes_a_run_length_dependent_once_its_reweighting_would_move():
+    from car_tf.losses.registry import length_dependence
+
+    # DRW starts at 80 % of the run: 160 of 200, 240 of 300.
+    assert length_dependence("ldam_drw", 200, 300, epochs_done=100) == ""  # neither has started
+    assert length_dependence("ldam_drw", 200, 300, epochs_done=200) == "LDAM-DRW re-weighting"
+    assert length_dependence("ce", 200, 300, epochs_done=200) == ""
