@@ -153,6 +153,32 @@ def all_gather(values):
     return tf.distribute.get_replica_context().all_gather(values, axis=0)
 
 
+def read_rows(variable, rows):
+    """variable[rows] without reading the whole variable (this replica's copy under a strategy):
+    TensorFlow's row kernel on the variable's handle, since a dense read of a variable updated row by
+    row copies it."""
+    if not is_tensorflow():
+        return ops.take(variable.value, rows, axis=0)
+    import tensorflow as tf
+
+    handle = variable.value.handle
+    return tf.raw_ops.ResourceGather(resource=handle, indices=rows, dtype=variable.dtype)
+
+
+def write_rows(variable, rows, values):
+    """variable[rows] = values (repeated rows with equal values), in place under TensorFlow.
+
+    keras.ops scatters out of place; under JAX the compiled step donates the state, so XLA
+    updates the buffer in place.
+    """
+    if not is_tensorflow():
+        variable.assign(ops.scatter_update(variable.value, rows[:, None], values))
+        return
+    import tensorflow as tf
+
+    variable.value.scatter_update(tf.IndexedSlices(values, rows))
+
+
 def compiled_inference(model):
     """``images -> outputs`` of ``model`` in inference mode, compiled once per input shape, as NumPy.
 

@@ -17,8 +17,8 @@ README's "CAR's cost" section measures sigma and its gradient against the dense 
 import keras
 from keras import ops
 
-from car_tf.backend import read, widest_float
-from car_tf.car.state import CARState, first_for_padding, read_rows, write_rows
+from car_tf.backend import read, read_rows, widest_float, write_rows
+from car_tf.car.state import CARState, first_for_padding
 
 
 def checked_sparse_entries(entries, num_classes):

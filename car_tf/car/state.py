@@ -13,7 +13,7 @@ import functools
 import keras
 from keras import ops
 
-from car_tf.backend import is_tensorflow, widest_float
+from car_tf.backend import is_tensorflow, read_rows, widest_float, write_rows
 from car_tf.car import spectral
 
 ATTRIBUTE = "car_state"
@@ -188,30 +188,6 @@ def first_for_padding(new, padding):
 # The EMA is read and written by rows only, in place. TensorFlow copies a variable on every dense
 # read once it has been updated in place (so that row updates never copy it); an XLA-compiled
 # function reads the variable's buffer directly, so a pass over the matrix copies nothing.
-def read_rows(variable, rows):
-    """variable[rows] without reading the whole variable (this replica's copy under a strategy)."""
-    if not is_tensorflow():
-        return ops.take(variable.value, rows, axis=0)
-    import tensorflow as tf
-
-    handle = variable.value.handle
-    return tf.raw_ops.ResourceGather(resource=handle, indices=rows, dtype=variable.dtype)
-
-
-def write_rows(variable, rows, values):
-    """variable[rows] = values (repeated rows with equal values), in place under TensorFlow.
-
-    keras.ops scatters out of place; under JAX the compiled step donates the state, so XLA
-    updates the buffer in place.
-    """
-    if not is_tensorflow():
-        variable.assign(ops.scatter_update(variable.value, rows[:, None], values))
-        return
-    import tensorflow as tf
-
-    variable.value.scatter_update(tf.IndexedSlices(values, rows))
-
-
 def _transposed_times(matrix, x):
     """(M^T X)^T [r, K]: in this form XLA streams the rows of M (transposed inside, 3x slower)."""
     return ops.einsum("kj,kr->rj", matrix, x)
