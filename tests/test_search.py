@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from car_tf import search
 from train_helpers import ROOT, parse, tiny_args

@@ -11,7 +11,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from car_tf import train as train_cli
 from car_tf.data import arrays, feature_streams, pipelines, sampling
