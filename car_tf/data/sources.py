@@ -447,12 +447,17 @@ def _load_cifar(name, split, data_dir):
     )
 
 
+def cache_root():
+    """car_tf's cache folder: $CAR_TF_CACHE_DIR, default ~/.cache/car_tf (unpacked tarballs, features)."""
+    return pathlib.Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/car_tf")).expanduser()
+
+
 def unpack_tarball(tarball):
     """Unpacks a .tar.gz once, next to it or else under ~/.cache/car_tf; returns the tree holding train/."""
     tarball = pathlib.Path(os.path.abspath(tarball))
     stem = tarball.name.removesuffix(".tar.gz").removesuffix(".tgz")
     key = hashlib.sha1(f"{tarball}:{tarball.stat().st_size}".encode()).hexdigest()[:10]
-    cache = pathlib.Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/car_tf")).expanduser()
+    cache = cache_root()
     beside = tarball.parent / stem
     # A folder without write bits is left untouched, even by root.
     targets = [beside] if beside.is_dir() or tarball.parent.stat().st_mode & 0o222 else []

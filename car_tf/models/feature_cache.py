@@ -22,9 +22,9 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from car_tf.data import sources
 from car_tf.models.registry import features_model
 
-CACHE_DIR_ENV = "CAR_TF_CACHE_DIR"
 FORMAT_VERSION = "1"  # part of every digest: a change of the file's layout gives new names
 EXTRACTION_BATCH = 64
 
@@ -81,7 +81,7 @@ def load_feature_cache(path):
 
 def cache_dir():
     """The folder of the shared feature cache."""
-    return pathlib.Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/car_tf")).expanduser() / "features"
+    return sources.cache_root() / "features"
 
 
 def weights_digest(extractor):
@@ -137,7 +137,7 @@ def cached_features(model, data, *, recipe, image_size, split, progress=True, ca
         logging.info("Features of the %s split cached in %s.", split, path)
     except OSError as error:
         logging.warning("Could not write the feature cache %s (%s); set $%s to a writable folder.",
-                        path, error, CACHE_DIR_ENV)
+                        path, error, sources.CACHE_DIR_ENV)
     return features, labels
 
 

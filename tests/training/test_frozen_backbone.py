@@ -8,6 +8,7 @@ import pytest
 
 from car_tf import train as train_cli
 from car_tf.evaluation.predictors import load_predictor
+from car_tf.data import sources
 from car_tf.models import create_model, feature_cache
 
 from train_helpers import parse, tiny_args
@@ -17,7 +18,7 @@ from test_run_directory import snapshot
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
-    monkeypatch.setenv(feature_cache.CACHE_DIR_ENV, str(folder))
+    monkeypatch.setenv(sources.CACHE_DIR_ENV, str(folder))
     return folder / "features"
 
 
