@@ -63,22 +63,30 @@ def train_batches(data, *, image_size, batch_size, seed, start_epoch=0, epochs=1
     return _prefetched(produce())
 
 
-class EvalBatches:
-    """All images in their given order, in batches (the last one smaller); iterable again and again."""
+class InOrderBatches:
+    """(float32 inputs, labels) in their given order, in batches (the last one smaller); iterable
+    again and again. The inputs are images [N, H, W, 3] or cached features [N, D]."""
+
+    def __init__(self, inputs, labels, batch_size):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1.")
+        self.inputs, self.labels, self.batch_size = inputs, np.asarray(labels), batch_size
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            end = start + self.batch_size
+            yield np.asarray(self.inputs[start:end], np.float32), self.labels[start:end]
+
+
+class EvalBatches(InOrderBatches):
+    """All images of in-memory data in their given order, in batches, for evaluation."""
 
     def __init__(self, data, *, image_size, batch_size):
         check_in_memory(data, image_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1.")
-        self.data, self.batch_size = data, batch_size
-
-    def __len__(self):
-        return -(-self.data.size // self.batch_size)
-
-    def __iter__(self):
-        for start in range(0, self.data.size, self.batch_size):
-            end = start + self.batch_size
-            yield self.data.images[start:end].astype(np.float32), self.data.labels[start:end]
+        super().__init__(data.images, data.labels, batch_size)
 
 
 def check_in_memory(data, image_size):

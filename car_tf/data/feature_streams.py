@@ -11,6 +11,7 @@ import numpy as np
 
 from car_tf import backend
 from car_tf.data import sampling
+from car_tf.data.arrays import InOrderBatches
 
 
 def epoch_order(labels, batch_size, seed, epoch, *, sampler="instance", epochs=1):
@@ -48,20 +49,6 @@ def training_stream(features, labels, *, batch_size, seed, start_epoch, epochs, 
     )
 
 
-class EvaluationBatches:
+def evaluation_batches(features, labels, batch_size):
     """All samples in their given order, in batches (the last one smaller); iterable again and again."""
-
-    def __init__(self, features, labels, batch_size):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1.")
-        self.features = np.asarray(features, np.float32)
-        self.labels = np.asarray(labels, np.int32)
-        self.batch_size = batch_size
-
-    def __len__(self):
-        return -(-len(self.labels) // self.batch_size)
-
-    def __iter__(self):
-        for start in range(0, len(self.labels), self.batch_size):
-            end = start + self.batch_size
-            yield self.features[start:end], self.labels[start:end]
+    return InOrderBatches(np.asarray(features, np.float32), np.asarray(labels, np.int32), batch_size)

@@ -146,8 +146,8 @@ def build_streams(config, network, train_data, test_data, *, hook, **stream):
         train=feature_streams.training_stream(train_x, train_y, batch_size=batch_size, seed=stream["seed"],
                                               start_epoch=stream["start_epoch"], epochs=stream["epochs"],
                                               sampler=config.data.sampler),
-        test=feature_streams.EvaluationBatches(test_x, test_y, batch_size),
-        train_eval=lambda: feature_streams.EvaluationBatches(train_x, train_y, batch_size),
+        test=feature_streams.evaluation_batches(test_x, test_y, batch_size),
+        train_eval=lambda: feature_streams.evaluation_batches(train_x, train_y, batch_size),
     )
 
 
