@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from car_tf import train as train_cli
-from car_tf.data import arrays, feature_streams, pipelines, sampling
+from car_tf.data import arrays, feature_streams, pipelines, sampling, sources
 from car_tf.data.sources import LabeledData
 from car_tf.training import checkpointing
 from car_tf.training.config import DataConfig
@@ -241,7 +241,7 @@ def test_a_killed_class_balanced_run_resumes_to_the_weights_of_an_uninterrupted_
 def test_a_frozen_backbone_run_trains_on_the_sampled_feature_stream(tiny_folder, tmp_path, monkeypatch):
     from car_tf.models import feature_cache
 
-    monkeypatch.setenv(feature_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(sources.CACHE_DIR_ENV, str(tmp_path / "cache"))
     draws = []
     epoch_indices = sampling.epoch_indices
 
