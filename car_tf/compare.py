@@ -20,6 +20,7 @@ registered through $CAR_TF_METHODS is a row here too, and the runs this command 
 the variable.
 """
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -29,10 +30,11 @@ import time
 import numpy as np
 from absl import flags
 
-from car_tf import cli
+from car_tf import cli, flags_from_config
 from car_tf.comparison_figures import write_figures
 from car_tf import train  # noqa: F401  (defines train's flags, so they are checked here too)
 from car_tf.training import methods as registered
+from car_tf.training.method import setting
 
 # Row name -> the train flags that select it, and a row -> the row it is paired with (its paired
 # difference's baseline), both from the method registry (car_tf.training.methods.compare_variants):
@@ -48,22 +50,32 @@ POSTHOC_COMMANDS = {
 }
 POSTHOC = {f"{m}_{stage}": (m, stage) for m, v in VARIANTS.items() if v.posthoc for stage in POSTHOC_COMMANDS}
 PAIRED_BASE.update({f"{m}_{stage}": f"{b}_{stage}" for m, b in list(PAIRED_BASE.items()) for stage in POSTHOC_COMMANDS})
-OWN_FLAGS = ("methods", "seeds", "output_dir", "method_flags", "dlsa_flags")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """This command's own flags (every other flag is train's and applies to every run)."""
+
+    methods: tuple[str, ...] = setting(("ce", "car"), help=f"Methods to compare: {', '.join(METHOD_FLAGS)}.")
+    seeds: tuple[str, ...] = setting(("0", "1", "2"), help="Seeds; every method runs with each.")
+    output_dir: str | None = setting(None, help="Directory of the runs (OUTPUT_DIR/<method>/seed_<s>) and "
+                                                "comparison.md.")
+    method_flags: tuple[str, ...] = setting(
+        (), repeated=True, help="METHOD:--flag=value[,--flag=value...]: train flags of that method alone, e.g. "
+        "the settings car_tf.search chose for it (car:--spec_lambda=1.0); repeat for other methods.")
+    dlsa_flags: tuple[str, ...] = setting(
+        (), help="Flags of python -m car_tf.dlsa for the <method>_dlsa rows, e.g. --flow_epochs=10,--classifier_epochs=30.")
+
+
+OWN_FLAGS = tuple(flags_from_config.flag_names(CompareConfig))
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    """This command's own flags (train's come with ``car_tf.train``); benchmarks import the rest."""
-    flags.DEFINE_list("methods", ["ce", "car"], f"Methods to compare: {', '.join(METHOD_FLAGS)}.")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.")
-    flags.DEFINE_string("output_dir", None, "Directory of the runs (OUTPUT_DIR/<method>/seed_<s>) and comparison.md.")
-    flags.DEFINE_multi_string(
-        "method_flags", [], "METHOD:--flag=value[,--flag=value...]: train flags of that method alone, e.g. the "
-        "settings car_tf.search chose for it (car:--spec_lambda=1.0); repeat for other methods.")
-
-    flags.DEFINE_list("dlsa_flags", [], "Flags of python -m car_tf.dlsa for the <method>_dlsa rows, e.g. "
-                      "--flow_epochs=10,--classifier_epochs=30.")
+def define_flags(flag_values=flags.FLAGS):
+    """This command's own flags, CompareConfig's fields (train's come with ``car_tf.train``)."""
+    return flags_from_config.define_flags(CompareConfig, flag_values=flag_values,
+                                          module_name=flags_from_config.calling_module())
 
 
 def per_method_flags(items, methods):
@@ -233,14 +245,15 @@ def write_comparison(output_dir, methods, seeds, timings, pairs=None):
     return text
 
 
-def checked_output_dir(flag_values):
-    """The --output_dir of a command that names each run's directory and seed itself."""
-    if not flag_values.output_dir:
+def checked_output_dir(output_dir, flag_values):
+    """``output_dir``, that of a command that names each run's directory and seed itself (it refuses
+    train's --model_dir and --seed among ``flag_values``)."""
+    if not output_dir:
         raise ValueError("--output_dir is required: name the directory that holds the runs.")
     for name in ("model_dir", "seed"):
         if flag_values[name].present:
             raise ValueError(f"--{name} is set per run by this command; use --output_dir and --seeds instead.")
-    output_dir = pathlib.Path(flag_values.output_dir)
+    output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -290,10 +303,11 @@ class Runner:
 
 def main(argv):
     del argv
-    output_dir = checked_output_dir(FLAGS)
-    methods, seeds = checked_choice(FLAGS.methods, FLAGS.seeds)
-    runner = Runner(output_dir, train_arguments(sys.argv[1:]), per_method_flags(FLAGS.method_flags, methods),
-                    FLAGS.dlsa_flags)
+    config = flags_from_config.section_from_flags(CompareConfig, FLAGS)
+    output_dir = checked_output_dir(config.output_dir, FLAGS)
+    methods, seeds = checked_choice(config.methods, config.seeds)
+    runner = Runner(output_dir, train_arguments(sys.argv[1:]), per_method_flags(config.method_flags, methods),
+                    config.dlsa_flags)
     total = len(methods) * len(seeds)
     for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
         prefix = f"[{index + 1}/{total}] "

@@ -10,10 +10,14 @@ default and help text:
     str, "choices"        an enum flag over metadata "choices": a sequence, or the name of a
                           registry in CHOICES (its values are read when the flag is defined)
     tuple[...]            a list flag (comma-separated); the dataclass receives the strings as a
-                          tuple and converts them itself (OptimizerConfig.lr_decay_epochs)
+                          tuple and converts them itself (OptimizerConfig.lr_decay_epochs); with
+                          metadata "repeated": a flag given once per value (its values may hold commas)
     T | None              the same flag, unset (None) by default
+    a dataclass           no flag of its own: a nested section, whose fields are flags in turn
 
-A field without a default gets a flag unset by default, which ``section_from_flags`` refuses unset.
+Metadata "flag" names the flag when it is not the field's name (FlowTrainingConfig.epochs is
+--flow_epochs). A field without a default gets a flag unset by default, which
+``section_from_flags`` refuses unset.
 The command-line modules alone import this module; the library takes the dataclasses themselves.
 """
 
@@ -89,10 +93,32 @@ _FIELD_MARK = "car_tf_field"  # attribute of a flag made here: "module.Class.fie
 
 def fields_of(cls):
     """[(dataclasses.Field, resolved annotation)] of the configuration dataclass ``cls``."""
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+    if not is_section(cls):
         raise TypeError(f"{cls!r} is not a dataclass; flags are made from configuration dataclasses.")
     hints = typing.get_type_hints(cls)
     return [(field, hints[field.name]) for field in dataclasses.fields(cls) if field.init]
+
+
+def is_section(annotation):
+    """Whether ``annotation`` is a configuration dataclass (a field of that type is a nested section)."""
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+def flag_name(field):
+    """The flag a field makes: metadata "flag", else the field's name."""
+    return field.metadata.get("flag", field.name)
+
+
+def leaves(cls):
+    """[(owning dataclass, field, annotation)] of the fields of ``cls`` that are flags, nested
+    sections' fields included, in order."""
+    found = []
+    for field, annotation in fields_of(cls):
+        if is_section(annotation):
+            found += leaves(annotation)
+        else:
+            found.append((cls, field, annotation))
+    return found
 
 
 def _origin(cls, field, annotation):
@@ -107,7 +133,7 @@ def _origin(cls, field, annotation):
     if typing.get_origin(annotation) is typing.Literal:
         return "enum", optional, list(typing.get_args(annotation))
     if annotation is tuple or typing.get_origin(annotation) is tuple:
-        return "list", optional, None
+        return ("repeated" if field.metadata.get("repeated") else "list"), optional, None
     choices = field.metadata.get("choices")
     if choices is not None:
         if isinstance(choices, str):
@@ -146,14 +172,15 @@ def calling_module(skip=()):
 
 
 def check_distinct(classes):
-    """Refuses two fields of the same name among ``classes``: they would be one flag."""
+    """Refuses two fields of the same flag name among ``classes``: they would be one flag."""
     owner = {}
-    for cls in classes:
-        for field, _ in fields_of(cls):
-            if field.name in owner and owner[field.name] is not cls:
-                raise ValueError(f"--{field.name} would be a flag of both {owner[field.name].__name__} and "
+    for top in classes:
+        for cls, field, _ in leaves(top):
+            name = flag_name(field)
+            if name in owner and owner[name] != (cls, field.name):
+                raise ValueError(f"--{name} would be a flag of both {owner[name][0].__name__} and "
                                  f"{cls.__name__}; rename one of the two fields.")
-            owner[field.name] = cls
+            owner[name] = (cls, field.name)
 
 
 def define_flags(*classes, flag_values=flags.FLAGS, only=None, module_name=None):
@@ -164,17 +191,17 @@ def define_flags(*classes, flag_values=flags.FLAGS, only=None, module_name=None)
     check_distinct(classes)
     module_name = module_name or calling_module()
     names = []
-    for cls in classes:
-        for field, annotation in fields_of(cls):
-            if only is not None and field.name not in only:
+    for top in classes:
+        for cls, field, annotation in leaves(top):
+            if only is not None and flag_name(field) not in only:
                 continue
-            names.append(field.name)
+            names.append(flag_name(field))
             _define(cls, field, annotation, flag_values, module_name)
     return names
 
 
 def _define(cls, field, annotation, flag_values, module_name):
-    name, mark = field.name, _mark(cls, field)
+    name, mark = flag_name(field), _mark(cls, field)
     if name in flag_values:
         if getattr(flag_values[name], _FIELD_MARK, None) == mark:
             return
@@ -197,29 +224,35 @@ def _define(cls, field, annotation, flag_values, module_name):
         holder = flags.DEFINE_string(name, default, help_text, **common)
     elif kind == "enum":
         holder = flags.DEFINE_enum(name, default, values, help_text, **common)
+    elif kind == "repeated":
+        holder = flags.DEFINE_multi_string(name, default, help_text, **common)
     else:
         holder = flags.DEFINE_list(name, default, help_text, **common)
     setattr(flag_values[holder.name], _FIELD_MARK, mark)
 
 
 def section_from_flags(cls, flag_values, only=None):
-    """``cls`` built from the flags made from its fields (``only``: from those named; the others
-    keep their defaults). A field without its flag is an error, never a silent default."""
+    """``cls`` built from the flags made from its fields, nested sections included (``only``: from
+    the flags named; the other fields keep their defaults). A field without its flag is an error,
+    never a silent default."""
     values = {}
-    for field, _ in fields_of(cls):
-        if only is not None and field.name not in only:
+    for field, annotation in fields_of(cls):
+        name = flag_name(field)
+        if is_section(annotation):
+            values[field.name] = section_from_flags(annotation, flag_values, only)
             continue
-        name = field.name
+        if only is not None and name not in only:
+            continue
         if name not in flag_values or getattr(flag_values[name], _FIELD_MARK, None) != _mark(cls, field):
-            raise ValueError(f"--{name} is not a flag made from {cls.__name__}.{name}; define this command's "
-                             f"flags with car_tf.flags_from_config.define_flags({cls.__name__}).")
+            raise ValueError(f"--{name} is not a flag made from {cls.__name__}.{field.name}; define this "
+                             f"command's flags with car_tf.flags_from_config.define_flags({cls.__name__}).")
         value = flag_values[name].value
         if value is None and field.default is dataclasses.MISSING:
             raise ValueError(f"--{name} is required ({field.metadata['help'].rstrip('.')}); give it.")
-        values[name] = tuple(value) if isinstance(value, list) else value
+        values[field.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
 
 
 def flag_names(*classes):
-    """The names of the flags the dataclasses ``classes`` make."""
-    return [field.name for cls in classes for field, _ in fields_of(cls)]
+    """The names of the flags the dataclasses ``classes`` make, nested sections' included."""
+    return [flag_name(field) for top in classes for _, field, _ in leaves(top)]

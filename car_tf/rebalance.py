@@ -18,15 +18,17 @@ model.keras: images -> logits, report.json, rebalance.json with the search) that
 ``car_tf.evaluate``, ``python -m export`` and ``car_tf.compare`` read.
 """
 
+import dataclasses
 import json
 import pathlib
 import shutil
+import typing
 
 import keras
 import numpy as np
 from absl import flags, logging
 
-from car_tf import cli
+from car_tf import cli, flags_from_config
 
 from car_tf.data import sampling
 from car_tf.data.flags import base_run_data_flags, define_data_flags
@@ -35,27 +37,40 @@ from car_tf.data.longtail import stratified_split
 from car_tf.evaluation import metrics, report
 from car_tf.evaluation.predictors import load_keras_model, read_run_info
 from car_tf.models.feature_cache import cached_features
+from car_tf.training.method import setting
 
 METHODS = ("crt", "tau_norm", "posthoc_la")
 TAUS = {"tau_norm": np.round(np.arange(0.0, 1.01, 0.1), 2), "posthoc_la": np.round(np.arange(0.0, 2.01, 0.25), 2)}
 
 
-def define_flags():
-    define_data_flags()
-    flags.DEFINE_string("model_dir", None, "Run directory of the finished run (run.json, model.keras).")
-    flags.DEFINE_enum("method", None, list(METHODS), "Re-balancing: crt, tau_norm or posthoc_la.")
-    flags.DEFINE_string("output_dir", None, "Where the new run directory goes; default MODEL_DIR/<method>.")
-    flags.DEFINE_float("validation_fraction", 0.2, "Share of each class's training images tau is chosen on.",
-                       lower_bound=0.01, upper_bound=0.9)
-    flags.DEFINE_integer("crt_epochs", 10, "Epochs of cRT's classifier (class-balanced epochs of N samples).",
-                         lower_bound=1)
-    flags.DEFINE_float("crt_lr", 0.1, "Peak SGD learning rate of cRT's classifier (cosine decay, momentum 0.9).",
-                       lower_bound=1e-8)
-    flags.DEFINE_integer("batch_size", 128, "cRT's batch size.", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "Seed of cRT's initialisation and sampling.")
-    flags.DEFINE_bool("progress", True, "Show the feature extraction's progress bar.")
-    flags.mark_flag_as_required("model_dir")
-    flags.mark_flag_as_required("method")
+@dataclasses.dataclass(frozen=True)
+class RebalanceConfig:
+    """What ``rebalance`` does; each field is a flag of ``python -m car_tf.rebalance``."""
+
+    method: typing.Literal[METHODS] = setting(help="Re-balancing: crt, tau_norm or posthoc_la.")
+    validation_fraction: float = setting(0.2, lower_bound=0.01, upper_bound=0.9,
+                                         help="Share of each class's training images tau is chosen on.")
+    crt_epochs: int = setting(10, lower_bound=1,
+                              help="Epochs of cRT's classifier (class-balanced epochs of N samples).")
+    crt_lr: float = setting(0.1, lower_bound=1e-8,
+                            help="Peak SGD learning rate of cRT's classifier (cosine decay, momentum 0.9).")
+    batch_size: int = setting(128, lower_bound=1, help="cRT's batch size.")
+    seed: int = setting(0, help="Seed of cRT's initialisation and sampling.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RebalanceCommand:
+    """This command's own flags besides RebalanceConfig's and the data flags."""
+
+    model_dir: str = setting(help="Run directory of the finished run (run.json, model.keras).")
+    output_dir: str | None = setting(None, help="Where the new run directory goes; default MODEL_DIR/<method>.")
+    progress: bool = setting(True, help="Show the feature extraction's progress bar.")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    define_data_flags(flag_values)
+    return flags_from_config.define_flags(RebalanceCommand, RebalanceConfig, flag_values=flag_values,
+                                          module_name=flags_from_config.calling_module())
 
 
 FLAGS = flags.FLAGS
@@ -129,31 +144,32 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def rebalance(model_dir, output_dir, method, flag_values):
-    """Writes the re-balanced run directory; returns its test report."""
-    model_dir, output_dir = pathlib.Path(model_dir), pathlib.Path(output_dir)
+def rebalance(model_dir, output_dir, config, data_config, progress=True):
+    """Re-balances the run in ``model_dir`` as ``config`` (a RebalanceConfig) says, on the data
+    ``data_config`` (a DataConfig) describes; writes the new run directory and returns its test report."""
+    model_dir, output_dir, method = pathlib.Path(model_dir), pathlib.Path(output_dir), config.method
     info = read_run_info(model_dir)
     model = load_keras_model(model_dir / "model.keras")
     layer = linear_classifier(model)
-    train, test, recipe, image_size = load_datasets(base_run_data_flags(model_dir, flag_values))
+    train, test, recipe, image_size = load_datasets(data_config)
     if train.class_names != list(info["class_names"]):
         raise ValueError(f"the data's classes differ from those {model_dir} was trained on; pass its data flags.")
     image_size = int(info.get("image_size") or image_size)
-    common = dict(recipe=recipe, image_size=image_size, progress=flag_values.progress)
+    common = dict(recipe=recipe, image_size=image_size, progress=progress)
     train_x, train_y = cached_features(model, train, split="train", **common)
     test_x, test_y = cached_features(model, test, split="test", **common)
     counts = np.asarray(info["train_counts"])
     kernel, bias = layer.get_weights()
     record = {"method": method, "base_run": str(model_dir.resolve())}
     if method == "crt":
-        kernel, bias = train_crt(train_x, train_y, len(counts), epochs=flag_values.crt_epochs,
-                                 lr=flag_values.crt_lr, batch_size=flag_values.batch_size, seed=flag_values.seed)
-        record.update(epochs=flag_values.crt_epochs, lr=flag_values.crt_lr, seed=flag_values.seed)
+        kernel, bias = train_crt(train_x, train_y, len(counts), epochs=config.crt_epochs,
+                                 lr=config.crt_lr, batch_size=config.batch_size, seed=config.seed)
+        record.update(epochs=config.crt_epochs, lr=config.crt_lr, seed=config.seed)
     else:
-        _, held_out = stratified_split(train_y, flag_values.validation_fraction, VALIDATION_SEED)
+        _, held_out = stratified_split(train_y, config.validation_fraction, VALIDATION_SEED)
         tau, scores = choose_tau(method, kernel, bias, counts, train_x[held_out], train_y[held_out])
         kernel, bias = rebalanced(method, kernel, bias, counts, tau)
-        record.update(tau=tau, validation_fraction=flag_values.validation_fraction,
+        record.update(tau=tau, validation_fraction=config.validation_fraction,
                       validation_mean_class_accuracy={f"{t:g}": s for t, s in scores})
         logging.info("%s: tau %g chosen on validation (mean per-class accuracy %.4f).", method, tau, dict(scores)[tau])
     layer.set_weights([kernel, bias])
@@ -175,10 +191,13 @@ def rebalance(model_dir, output_dir, method, flag_values):
 
 def main(argv):
     del argv
-    output_dir = FLAGS.output_dir or pathlib.Path(FLAGS.model_dir) / FLAGS.method
-    if not (pathlib.Path(FLAGS.model_dir) / "model.keras").is_file():
-        raise ValueError(f"{FLAGS.model_dir}/model.keras does not exist; finish training the run first.")
-    rebalance(FLAGS.model_dir, output_dir, FLAGS.method, FLAGS)
+    command = flags_from_config.section_from_flags(RebalanceCommand, FLAGS)
+    config = flags_from_config.section_from_flags(RebalanceConfig, FLAGS)
+    model_dir = pathlib.Path(command.model_dir)
+    if not (model_dir / "model.keras").is_file():
+        raise ValueError(f"{model_dir}/model.keras does not exist; finish training the run first.")
+    output_dir = command.output_dir or model_dir / config.method
+    rebalance(model_dir, output_dir, config, base_run_data_flags(model_dir, FLAGS), progress=command.progress)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,16 @@ Rerunning the command resumes an interrupted run and reads finished ones back; s
 test/comparison.md are written from whatever has finished.
 """
 
+import dataclasses
 import json
 import sys
 
 import numpy as np
 from absl import flags
 
-from car_tf import cli, compare
+from car_tf import cli, compare, flags_from_config
+from car_tf.training.method import setting
 
-OWN_FLAGS = ("vary", "seeds", "select_on", "baseline", "confirm_seeds", "output_dir", "validation_fraction")
 NOT_VARIED = ("model_dir", "seed", "validation_fraction", "overwrite")
 DEFAULT_FRACTION = 0.2
 CRITERIA = {
@@ -36,20 +37,32 @@ CRITERIA = {
 COLUMNS = (("mean_class", "mean per-class"), ("worst", "worst class"), ("worst3", "3 worst classes (mean)"),
            ("many", "many"), ("medium", "medium"), ("few", "few"), ("top1", "top-1 (as imbalanced as training)"))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """This command's own flags (every other flag is train's and applies to every run)."""
+
+    vary: tuple[str, ...] = setting(
+        (), repeated=True, help="A train flag and the values to try, e.g. spec_lambda=0.1,0.5; repeat for more flags.")
+    seeds: tuple[str, ...] = setting(("0",), help="Seeds of the validation runs; every candidate runs with each.")
+    select_on: str = setting("mean_class", choices=tuple(CRITERIA), help="What the chosen candidate is best at, "
+                             "on the validation split: " + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()) + ".")
+    baseline: str = setting("ce", choices=tuple(compare.METHOD_FLAGS),
+                            help="Method the chosen candidate is compared with on the test split.")
+    confirm_seeds: tuple[str, ...] = setting((), help="Seeds of the test-split runs of the chosen candidate and "
+                                             "the baseline (empty: stop after choosing).")
+    output_dir: str | None = setting(None, help="Directory of the runs, search.md and test/comparison.md.")
+
+
+# The flags train does not see: this command's own, and the held-out share it sets per run.
+OWN_FLAGS = (*flags_from_config.flag_names(SearchConfig), "validation_fraction")
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    flags.DEFINE_multi_string(
-        "vary", [], "A train flag and the values to try, e.g. spec_lambda=0.1,0.5; repeat for more flags.")
-    flags.DEFINE_list("seeds", ["0"], "Seeds of the validation runs; every candidate runs with each.")
-    flags.DEFINE_enum("select_on", "mean_class", list(CRITERIA), "What the chosen candidate is best at, "
-                      "on the validation split: " + "; ".join(f"{k}: {v}" for k, v in CRITERIA.items()) + ".")
-    flags.DEFINE_enum("baseline", "ce", list(compare.METHOD_FLAGS),
-                      "Method the chosen candidate is compared with on the test split.")
-    flags.DEFINE_list("confirm_seeds", [], "Seeds of the test-split runs of the chosen candidate and the "
-                      "baseline (empty: stop after choosing).")
-    flags.DEFINE_string("output_dir", None, "Directory of the runs, search.md and test/comparison.md.")
+def define_flags(flag_values=flags.FLAGS):
+    return flags_from_config.define_flags(SearchConfig, flag_values=flag_values,
+                                          module_name=flags_from_config.calling_module())
 
 
 def candidates(vary, flag_values):
@@ -106,29 +119,30 @@ def validation_fraction(argv):
 
 def main(argv):
     del argv
-    output_dir = compare.checked_output_dir(FLAGS)
+    config = flags_from_config.section_from_flags(SearchConfig, FLAGS)
+    output_dir = compare.checked_output_dir(config.output_dir, FLAGS)
     fraction = validation_fraction(sys.argv[1:])
-    found = candidates(FLAGS.vary, FLAGS)
+    found = candidates(config.vary, FLAGS)
     labels = [label for label, _ in found]
-    seeds = compare.checked_seeds(FLAGS.seeds)
-    confirm_seeds = compare.checked_seeds(FLAGS.confirm_seeds, "confirm_seeds") if FLAGS.confirm_seeds else []
+    seeds = compare.checked_seeds(config.seeds)
+    confirm_seeds = compare.checked_seeds(config.confirm_seeds, "confirm_seeds") if config.confirm_seeds else []
     runner = compare.Runner(output_dir, compare.train_arguments(sys.argv[1:], OWN_FLAGS))
 
     for seed in seeds:
         for label, extra in found:
             runner.train(label, seed, [f"--validation_fraction={fraction}", *extra], group="validation")
     runs = compare.finished_runs(output_dir / "validation", labels, seeds)
-    best = chosen(runs, labels, FLAGS.select_on)
-    text = search_table(runs, labels, seeds, best, FLAGS.select_on, fraction)
+    best = chosen(runs, labels, config.select_on)
+    text = search_table(runs, labels, seeds, best, config.select_on, fraction)
     (output_dir / "search.md").write_text(text)
-    choice = {"chosen": best, "flags": dict(found).get(best), "criterion": FLAGS.select_on}
+    choice = {"chosen": best, "flags": dict(found).get(best), "criterion": config.select_on}
     (output_dir / "search.json").write_text(json.dumps(choice, indent=1) + "\n")
     print(text)
     if not confirm_seeds:
         return
-    names, pairs = [FLAGS.baseline, best], [(best, FLAGS.baseline)]
+    names, pairs = [config.baseline, best], [(best, config.baseline)]
     for seed in confirm_seeds:
-        runner.train(FLAGS.baseline, seed, compare.METHOD_FLAGS[FLAGS.baseline], group="test")
+        runner.train(config.baseline, seed, compare.METHOD_FLAGS[config.baseline], group="test")
         runner.train(best, seed, dict(found)[best], group="test")
         compare.write_comparison(output_dir / "test", names, confirm_seeds, runner.timings_of("test"), pairs)
 

@@ -81,7 +81,7 @@ def train_cascade(
         depth: number of filter stages (>= 1).
         keep_fraction: share of each stage's samples taken by that stage's classifier.
         flow_options: keyword arguments of ``MaskedAutoregressiveFlow`` (the seed is offset per stage).
-        training: ``FlowTrainingConfig`` of every flow (its seed is offset per stage).
+        training: ``FlowTrainingConfig`` of every flow (its sampling seed is the flow's, offset per stage).
     """
     if depth < 1:
         raise ValueError(f"depth={depth} must be at least 1; DLSA uses 1, or 3 with strong features.")
@@ -93,8 +93,7 @@ def train_cascade(
     stages = []
     for s in range(depth):
         flow = MaskedAutoregressiveFlow(seed=base_seed + 1000 * s, name=f"flow_{s}", **options)
-        config = dataclasses.replace(training, seed=training.seed + s)
-        history = FlowTrainer(flow, config).fit(
+        history = FlowTrainer(flow, training, seed=base_seed + s).fit(
             features[remaining], labels[remaining], progress=progress
         )
         log_probs, latents = flow_log_probs_and_latents(flow, features[remaining])

@@ -17,6 +17,7 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from car_tf.backend import import_tensorflow
+from car_tf.training.method import setting
 from car_tf.losses.logit_adjusted import logit_adjusted_cross_entropy
 
 tf = import_tensorflow(__name__)
@@ -24,14 +25,19 @@ tf = import_tensorflow(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierTrainingConfig:
-    """Hyper-parameters of every stage classifier (DLSA: SGD, 150 epochs, batch 128)."""
+    """Hyper-parameters of every stage classifier (DLSA: SGD, 150 epochs, batch 128); each field is
+    a flag of ``python -m car_tf.dlsa``."""
 
-    epochs: int = 150
-    batch_size: int = 128
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
+    epochs: int = setting(150, flag="classifier_epochs", lower_bound=1,
+                          help="Training epochs of each stage classifier.")
+    batch_size: int = setting(128, flag="classifier_batch_size", lower_bound=1,
+                              help="Batch size of the stage classifiers.")
+    learning_rate: float = setting(0.05, flag="classifier_learning_rate", lower_bound=0.0,
+                                   help="Peak SGD learning rate of the stage classifiers (cosine decay).")
+    momentum: float = setting(0.9, flag="classifier_momentum", lower_bound=0.0,
+                              help="SGD momentum of the stage classifiers.")
+    weight_decay: float = setting(5e-4, flag="classifier_weight_decay", lower_bound=0.0,
+                                  help="Weight decay of the stage classifiers.")
 
 
 @keras.saving.register_keras_serializable(package="car_tf")
@@ -100,6 +106,7 @@ def train_stage_classifier(
     validation=None,
     name="stage_classifier",
     progress=False,
+    seed=0,
 ):
     """Trains one ``StageClassifier``; returns (classifier, history).
 
@@ -119,7 +126,7 @@ def train_stage_classifier(
         )
     counts = np.maximum(np.bincount(labels, minlength=num_classes), 1)
     log_counts = np.log(counts).astype(np.float32)
-    classifier = StageClassifier(num_classes, seed=config.seed, name=name)
+    classifier = StageClassifier(num_classes, seed=seed, name=name)
     classifier.build(((None, features.shape[1]), (None, side.shape[1])))
     steps_per_epoch = -(-len(labels) // config.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -145,7 +152,7 @@ def train_stage_classifier(
         return loss
 
     has_validation = validation is not None and len(validation[2]) > 0
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     history = {"loss": [], "val_balanced_accuracy": [], "best_epoch": config.epochs - 1}
     best_score, best_weights = -1.0, None
     for epoch in tqdm(range(config.epochs), desc=name, disable=not progress, leave=False):

@@ -9,19 +9,25 @@ from car_tf.dlsa import cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig, train_stage_classifier
 from car_tf.dlsa.flow_training import FlowTrainingConfig
 from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
+from car_tf.training.method import setting
 
 
 @dataclasses.dataclass(frozen=True)
 class DLSAConfig:
-    """Everything ``fit_dlsa`` needs besides the data (defaults: Xu et al., ECCV 2022, arXiv 2208.02567)."""
+    """Everything ``fit_dlsa`` needs besides the data (defaults: Xu et al., ECCV 2022, arXiv
+    2208.02567); each field, and each of ``flow``'s and ``classifier``'s, is a flag of
+    ``python -m car_tf.dlsa``."""
 
-    depth: int = 1
-    keep_fraction: float = 0.3
-    num_components: int = 500
-    prior_stddev: float = 0.05
-    num_blocks: int = 2
-    validation_fraction: float = 0.1
-    seed: int = 0
+    depth: int = setting(1, lower_bound=1,
+                         help="Filter stages of the cascade (DLSA: 3 for ImageNet-LT / iNat, else 1).")
+    keep_fraction: float = setting(0.3, lower_bound=0.0, upper_bound=1.0,
+                                   help="Share of each stage's samples its classifier takes (highest likelihood).")
+    num_components: int = setting(500, lower_bound=1, help="Components K of the flow's Gaussian-mixture prior.")
+    prior_stddev: float = setting(0.05, lower_bound=0.0, help="Standard deviation of the prior's fixed random means.")
+    num_blocks: int = setting(2, flag="flow_blocks", lower_bound=1, help="MADE + batch-norm blocks of each flow.")
+    validation_fraction: float = setting(0.1, lower_bound=0.0, upper_bound=0.9,
+                                         help="Stratified share of the training features kept for epoch selection.")
+    seed: int = setting(0, help="Seed of the split, the prior means, the weights and the sampling.")
     flow: FlowTrainingConfig = FlowTrainingConfig()
     classifier: ClassifierTrainingConfig = ClassifierTrainingConfig()
 
@@ -84,10 +90,11 @@ def fit_dlsa(features, labels, num_classes, config=DLSAConfig(), progress=False)
             side,
             labels[fit_idx][idx],
             num_classes,
-            dataclasses.replace(config.classifier, seed=config.classifier.seed + s),
+            config.classifier,
             validation=(features[val_idx][val_local], val_side, labels[val_idx][val_local]),
             name=name,
             progress=progress,
+            seed=config.seed + s,
         )
         classifiers.append(classifier)
         histories["classifiers"].append(history)

@@ -30,6 +30,7 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from car_tf.backend import import_tensorflow
+from car_tf.training.method import setting
 
 tf = import_tensorflow(__name__)
 
@@ -38,17 +39,19 @@ CONTRAST_EPSILON = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class FlowTrainingConfig:
-    """Hyper-parameters of one flow's training (defaults: DLSA's ImageNet-LT setting, 50 epochs)."""
+    """Hyper-parameters of one flow's training (defaults: DLSA's ImageNet-LT setting, 50 epochs);
+    each field is a flag of ``python -m car_tf.dlsa``."""
 
-    epochs: int = 50
-    batch_size: int = 1024  # samples per step: batch_size // 2 anchors and as many partners
-    learning_rate: float = 0.2
-    momentum: float = 0.0
-    contrast_weight: float = 0.025
-    balance_weight: float = 1.5
-    balance_momentum: float = 0.7
-    likelihood_weight_power: float = 2.0
-    seed: int = 0
+    epochs: int = setting(50, flag="flow_epochs", lower_bound=1, help="Training epochs of each flow.")
+    batch_size: int = setting(1024, flag="flow_batch_size", lower_bound=2,
+                              help="Samples per flow step (half anchors, half partners).")
+    learning_rate: float = setting(0.2, flag="flow_learning_rate", lower_bound=0.0,
+                                   help="SGD learning rate of the flows.")
+    momentum: float = setting(0.0, flag="flow_momentum", lower_bound=0.0, help="SGD momentum of the flows.")
+    contrast_weight: float = setting(0.025, help="Weight of the flow's contrast term (DLSA: 0.02-0.03).")
+    balance_weight: float = setting(1.5, help="Weight of the flow's cluster-balance term (DLSA: 1-2).")
+    balance_momentum: float = setting(0.7, help="Momentum of the running cluster-use average.")
+    likelihood_weight_power: float = setting(2.0, help="p of the likelihood weights (n_max / n_c)^p.")
 
 
 def likelihood_class_weights(counts, power=2.0):
@@ -104,9 +107,10 @@ def draw_partners(labels, anchors, rng):
 class FlowTrainer:
     """Fits a ``MaskedAutoregressiveFlow`` to features with DLSA's three-term objective."""
 
-    def __init__(self, flow, config=FlowTrainingConfig()):
+    def __init__(self, flow, config=FlowTrainingConfig(), seed=0):
         self.flow = flow
         self.config = config
+        self.seed = int(seed)  # of the epochs' order and the partners drawn
         self.optimizer = keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
         self.usage = None
 
@@ -155,7 +159,7 @@ class FlowTrainer:
         class_weights = likelihood_class_weights(counts, config.likelihood_weight_power)
         anchors_per_step = max(1, min(config.batch_size // 2, num_samples))
         steps = num_samples // anchors_per_step
-        rng = np.random.default_rng(config.seed)
+        rng = np.random.default_rng(self.seed)
         history = {name: [] for name in ("loss", "likelihood", "contrast", "balance")}
         for _ in tqdm(range(config.epochs), desc="flow", disable=not progress, leave=False):
             order = rng.permutation(num_samples)

@@ -181,6 +181,119 @@ RECORD_BEFORE = """\
 """
 
 
+# The flags of the post-hoc and comparison commands before they were made from the fields:
+# command -> name -> (kind, default, choices, lower bound).
+COMMAND_FLAGS_USERS_TYPE = {
+    "car_tf.dlsa": {
+        "model_dir": ("str", None, None, None),
+        "output_dir": ("str", None, None, None),
+        "depth": ("int", 1, None, None),
+        "keep_fraction": ("float", 0.3, None, None),
+        "num_components": ("int", 500, None, None),
+        "prior_stddev": ("float", 0.05, None, None),
+        "flow_blocks": ("int", 2, None, None),
+        "flow_epochs": ("int", 50, None, None),
+        "flow_batch_size": ("int", 1024, None, None),
+        "flow_learning_rate": ("float", 0.2, None, None),
+        "flow_momentum": ("float", 0.0, None, None),
+        "contrast_weight": ("float", 0.025, None, None),
+        "balance_weight": ("float", 1.5, None, None),
+        "balance_momentum": ("float", 0.7, None, None),
+        "likelihood_weight_power": ("float", 2.0, None, None),
+        "classifier_epochs": ("int", 150, None, None),
+        "classifier_batch_size": ("int", 128, None, None),
+        "classifier_learning_rate": ("float", 0.05, None, None),
+        "classifier_momentum": ("float", 0.9, None, None),
+        "classifier_weight_decay": ("float", 0.0005, None, None),
+        "validation_fraction": ("float", 0.1, None, None),
+        "seed": ("int", 0, None, None),
+        "progress": ("bool", True, None, None),
+    },
+    "car_tf.rebalance": {
+        "model_dir": ("str", None, None, None),
+        "method": ("enum", None, ("crt", "tau_norm", "posthoc_la"), None),
+        "output_dir": ("str", None, None, None),
+        "validation_fraction": ("float", 0.2, None, 0.01),
+        "crt_epochs": ("int", 10, None, 1),
+        "crt_lr": ("float", 0.1, None, 1e-08),
+        "batch_size": ("int", 128, None, 1),
+        "seed": ("int", 0, None, None),
+        "progress": ("bool", True, None, None),
+    },
+    "car_tf.compare": {
+        "methods": ("list", ["ce", "car"], None, None),
+        "seeds": ("list", ["0", "1", "2"], None, None),
+        "output_dir": ("str", None, None, None),
+        "method_flags": ("multi", [], None, None),
+        "dlsa_flags": ("list", [], None, None),
+    },
+    "car_tf.search": {
+        "vary": ("multi", [], None, None),
+        "seeds": ("list", ["0"], None, None),
+        "select_on": ("enum", "mean_class", ("mean_class", "worst3"), None),
+        "baseline": ("enum", "ce", ("ce", "ldam_drw", "logit_adjusted", "balanced_softmax", "decoupled", "car", "car_ldam_drw", "car_logit_adjusted", "car_balanced_softmax", "car_decoupled", "car_concutmix"), None),
+        "confirm_seeds": ("list", [], None, None),
+        "output_dir": ("str", None, None, None),
+    },
+}
+
+
+def _command_flags(command):
+    """{name: flag} of ``command``'s flags, defined afresh from its dataclasses, without the data
+    flags (DataConfig's, walked by the tests above), and the dataclasses they come from."""
+    from car_tf import compare, rebalance, search
+    from car_tf.dlsa import __main__ as dlsa_cli
+    from car_tf.dlsa.fit import DLSAConfig
+
+    module, classes = {
+        "car_tf.dlsa": (dlsa_cli, (dlsa_cli.DLSACommand, DLSAConfig)),
+        "car_tf.rebalance": (rebalance, (rebalance.RebalanceCommand, rebalance.RebalanceConfig)),
+        "car_tf.compare": (compare, (compare.CompareConfig,)),
+        "car_tf.search": (search, (search.SearchConfig,)),
+    }[command]
+    values = flags.FlagValues()
+    names = module.define_flags(values)
+    own = {name: values[name] for name in values if name not in data_flags.DATA_FLAGS}
+    return names, own, classes, values
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_FLAGS_USERS_TYPE))
+def test_every_commands_flags_are_its_fields_and_keep_the_names_users_type(command):
+    names, own, classes, values = _command_flags(command)
+    # One flag per field (nested sections' fields included), nothing else.
+    assert sorted(names) == sorted(own) == sorted(flags_from_config.flag_names(*classes))
+    kinds = {flags.BooleanParser: "bool", flags.IntegerParser: "int", flags.FloatParser: "float",
+             flags.ArgumentParser: "str", flags.EnumParser: "enum", flags.ListParser: "list"}
+    assert set(own) == set(COMMAND_FLAGS_USERS_TYPE[command])
+    for name, (kind, default, choices, lower) in COMMAND_FLAGS_USERS_TYPE[command].items():
+        flag = own[name]
+        found = "multi" if isinstance(flag, flags.MultiFlag) else kinds[type(flag.parser)]
+        assert (found, flag.default) == (kind, default), name
+        assert tuple(getattr(flag.parser, "enum_values", None) or ()) == tuple(choices or ()), name
+        if lower is not None:
+            assert flag.parser.lower_bound == lower, name
+    # The configuration is built from the flags: every default is the field's own.
+    required = {name: own[name].parser.enum_values[0] if isinstance(own[name].parser, flags.EnumParser) else "x"
+                for name in ("model_dir", "method") if name in own}
+    values(["prog", *(f"--{k}={v}" for k, v in required.items())])
+    for cls in classes:
+        built = flags_from_config.section_from_flags(cls, values)
+        by_flag = {flags_from_config.flag_name(f): f.name for f in dataclasses.fields(cls)}
+        assert built == cls(**{by_flag[k]: v for k, v in required.items() if k in by_flag})
+
+
+def test_dlsa_flags_fill_the_nested_sections_and_share_one_seed():
+    _, _, (command_cls, dlsa_cls), values = _command_flags("car_tf.dlsa")
+    values(["prog", "--model_dir=runs/x", "--flow_epochs=7", "--classifier_learning_rate=0.01",
+            "--contrast_weight=0.03", "--flow_blocks=3", "--seed=4"])
+    config = flags_from_config.section_from_flags(dlsa_cls, values)
+    assert (config.flow.epochs, config.flow.contrast_weight, config.classifier.learning_rate) == (7, 0.03, 0.01)
+    assert (config.num_blocks, config.seed) == (3, 4)
+    assert flags_from_config.section_from_flags(command_cls, values).model_dir == "runs/x"
+    with pytest.raises(flags.IllegalFlagValueError):
+        values(["prog", "--flow_epochs=0"])
+
+
 def _record_config():
     """The configuration RECORD_BEFORE was written from."""
     c = run_config
