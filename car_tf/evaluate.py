@@ -18,11 +18,14 @@ import re
 import numpy as np
 from absl import flags, logging
 
+from car_tf import flags_from_config
+from car_tf.data import flags as data_flags
 from car_tf.data.loading import load_datasets
 from car_tf.data.longtail import check_group_thresholds
 from car_tf.evaluation.evaluate import default_output_dir, evaluate
 from car_tf.evaluation.predictors import RUN_FILE, RUN_MODEL_FILE, ModelNotFoundError, find_run_info, load_predictor
 from car_tf.evaluation.report import format_table
+from car_tf.training.method import setting
 
 
 def parse_train_counts(value):
@@ -44,14 +47,11 @@ def parse_train_counts(value):
     return counts
 
 
-GROUP_FLAGS = ("many_threshold", "few_threshold")
-
-
 def group_thresholds(flag_values, run_info):
     """{"many_threshold", "few_threshold"}: a flag given on the command line, else the run's value
     from its run.json (so the groups are those the run reported), else the flag's default."""
     thresholds = {}
-    for name in GROUP_FLAGS:
+    for name in data_flags.GROUP_FLAGS:
         if flag_values[name].present or run_info.get(name) is None:
             thresholds[name] = int(flag_values[name].value)
         else:
@@ -64,35 +64,33 @@ def evaluate_from_flags(flag_values=flags.FLAGS):
     """Evaluates the model the flags name and writes its report; returns (report, output_dir)."""
     from car_tf.data.pipelines import eval_dataset
 
-    from car_tf.data.flags import data_config
-
-    FLAGS = flag_values
-    predictor = load_model_safely(FLAGS.model)
-    run_info = find_run_info(FLAGS.model) or {}
-    data = data_config(FLAGS)
-    if not FLAGS["image_size"].present and predictor.image_size is not None:
+    command = flags_from_config.section_from_flags(EvaluateCommand, flag_values)
+    predictor = load_model_safely(command.model)
+    run_info = find_run_info(command.model) or {}
+    data = data_flags.data_config(flag_values)
+    if not flag_values["image_size"].present and predictor.image_size is not None:
         data = dataclasses.replace(data, image_size=int(predictor.image_size[0]))
     if data.data_recipe == "auto" and run_info.get("recipe"):
         data = dataclasses.replace(data, data_recipe=run_info["recipe"])  # evaluate as the model was trained
     train, test, recipe, image_size = load_datasets(data)
-    train, test = match_model_classes(predictor, FLAGS.model, train, test)
-    if FLAGS.train_counts:
-        train_counts = parse_train_counts(FLAGS.train_counts)
+    train, test = match_model_classes(predictor, command.model, train, test)
+    if command.train_counts:
+        train_counts = parse_train_counts(command.train_counts)
     else:
         train_counts = run_info.get("train_counts") or [int(c) for c in train.counts()]
 
     def dataset(data):
-        return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=FLAGS.batch_size)
+        return eval_dataset(data, recipe=recipe, image_size=image_size, batch_size=command.batch_size)
 
-    thresholds = group_thresholds(FLAGS, run_info)
-    output_dir = pathlib.Path(FLAGS.output_dir or default_output_dir(FLAGS.model))
+    thresholds = group_thresholds(flag_values, run_info)
+    output_dir = pathlib.Path(command.output_dir or default_output_dir(command.model))
     report = evaluate(
         predictor,
         dataset(test),
         train_counts,
         test.class_names,
         output_dir,
-        train_dataset=dataset(train) if FLAGS.on_train else None,
+        train_dataset=dataset(train) if command.on_train else None,
         progress=True,
         skipped_test=test.skipped,
         **thresholds,
@@ -181,20 +179,24 @@ def main(argv):
     print(f"wrote {output_dir}")
 
 
-def define_flags(flag_values=flags.FLAGS):
-    from car_tf.data import flags as data_flags
+@dataclasses.dataclass(frozen=True)
+class EvaluateCommand:
+    """This command's own flags, one per field (the data and group flags are DataConfig's)."""
 
-    flags.DEFINE_string("model", None, "Run directory, .keras file, SavedModel directory or .onnx file.",
-                        required=True, flag_values=flag_values)
-    flags.DEFINE_string("train_counts", None,
-                        "Training images per class as a JSON list or a JSON file; default run.json's, "
-                        "else counted from the training split.", flag_values=flag_values)
-    flags.DEFINE_bool("on_train", False, "Also evaluate the training split and report the worst-class gap.",
-                      flag_values=flag_values)
-    flags.DEFINE_string("output_dir", None, "Where to write the report; default MODEL/eval.", flag_values=flag_values)
-    flags.DEFINE_integer("batch_size", 128, "Evaluation batch size.", flag_values=flag_values)
+    model: str = setting(help="Run directory, .keras file, SavedModel directory or .onnx file.")
+    train_counts: str | None = setting(None, help="Training images per class as a JSON list or a JSON file; "
+                                       "default run.json's, else counted from the training split.")
+    on_train: bool = setting(False, help="Also evaluate the training split and report the worst-class gap.")
+    output_dir: str | None = setting(None, help="Where to write the report; default MODEL/eval.")
+    batch_size: int = setting(128, lower_bound=1, help="Evaluation batch size.")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    names = flags_from_config.define_flags(EvaluateCommand, flag_values=flag_values,
+                                           module_name=flags_from_config.calling_module())
     data_flags.define_data_flags(flag_values)
     data_flags.define_group_flags(flag_values)
+    return names
 
 
 if __name__ == "__main__":

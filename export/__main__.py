@@ -8,16 +8,38 @@ network, its adapters merged into their kernels (car_tf.models.lora.merged_copy)
 against the model with its adapters.
 """
 
+import dataclasses
 import json
 import pathlib
+import typing
 
 import numpy as np
+
+from car_tf.training.method import setting
 
 FORMATS = ("saved_model", "onnx", "both")
 
 
-def export_run(model_dir, export_format="both", output_dir=None, opset=17, parity_image_dir=None,
-               recipe=None, top_k=5, atol=1e-4):
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """This command's flags, one per field; ``export_run``'s defaults are these fields'."""
+
+    model_dir: str = setting(help="Run directory with run.json and model.keras.")
+    format: typing.Literal[FORMATS] = setting("both", help="What to export.")
+    opset: int = setting(17, help="ONNX opset (13 to 18; tf2onnx 1.17 supports at most 18).")
+    output_dir: str | None = setting(None, help="Where to write the exports; default MODEL_DIR/export.")
+    parity_images: str | None = setting(
+        None, help="Folder of image files for the parity checks; default: the run's test split.")
+    recipe: typing.Literal["cifar", "imagenet"] | None = setting(
+        None, help="Evaluation preprocessing baked into serving (cifar: resize; imagenet: resize the shorter "
+        "side and centre-crop 0.875); default run.json recipe, else by image size.")
+    top_k: int = setting(5, lower_bound=1, help="Classes returned by the serving signature.")
+    atol: float = setting(1e-4, lower_bound=0.0, help="Largest allowed max-abs difference from the Keras model, "
+                          "times max(1, largest |Keras output|).")
+
+
+def export_run(model_dir, export_format=ExportConfig.format, output_dir=None, opset=ExportConfig.opset,
+               parity_image_dir=None, recipe=None, top_k=ExportConfig.top_k, atol=ExportConfig.atol):
     """Exports the run in ``model_dir``; returns the summary also written to ``output_dir/export.json``."""
     import tensorflow as tf
 
@@ -68,11 +90,11 @@ def export_run(model_dir, export_format="both", output_dir=None, opset=17, parit
 def main(argv):
     from absl import flags
 
-    del argv
-    FLAGS = flags.FLAGS
+    from car_tf import flags_from_config
 
-    summary = export_run(FLAGS.model_dir, FLAGS.format, FLAGS.output_dir, FLAGS.opset,
-                         FLAGS.parity_images, FLAGS.recipe, FLAGS.top_k, FLAGS.atol)
+    del argv
+    c = flags_from_config.section_from_flags(ExportConfig, flags.FLAGS)
+    summary = export_run(c.model_dir, c.format, c.output_dir, c.opset, c.parity_images, c.recipe, c.top_k, c.atol)
     for name in ("saved_model", "onnx"):
         if name in summary:
             entry = summary[name]
@@ -82,21 +104,13 @@ def main(argv):
                   f"{', '.join(map(str, diffs))})")
 
 
-def define_flags():
+def define_flags(flag_values=None):
     from absl import flags
 
-    flags.DEFINE_string("model_dir", None, "Run directory with run.json and model.keras.", required=True)
-    flags.DEFINE_enum("format", "both", FORMATS, "What to export.")
-    flags.DEFINE_integer("opset", 17, "ONNX opset (13 to 18; tf2onnx 1.17 supports at most 18).")
-    flags.DEFINE_string("output_dir", None, "Where to write the exports; default MODEL_DIR/export.")
-    flags.DEFINE_string("parity_images", None,
-                        "Folder of image files for the parity checks; default: the run's test split.")
-    flags.DEFINE_enum("recipe", None, ["cifar", "imagenet"],
-                      "Evaluation preprocessing baked into serving (cifar: resize; imagenet: resize the "
-                      "shorter side and centre-crop 0.875); default run.json recipe, else by image size.")
-    flags.DEFINE_integer("top_k", 5, "Classes returned by the serving signature.")
-    flags.DEFINE_float("atol", 1e-4, "Largest allowed max-abs difference from the Keras model, times "
-                       "max(1, largest |Keras output|).")
+    from car_tf import flags_from_config
+
+    return flags_from_config.define_flags(ExportConfig, flag_values=flags.FLAGS if flag_values is None else flag_values,
+                                          module_name=flags_from_config.calling_module())
 
 
 if __name__ == "__main__":

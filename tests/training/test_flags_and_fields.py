@@ -184,6 +184,23 @@ RECORD_BEFORE = """\
 # The flags of the post-hoc and comparison commands before they were made from the fields:
 # command -> name -> (kind, default, choices, lower bound).
 COMMAND_FLAGS_USERS_TYPE = {
+    "car_tf.evaluate": {
+        "model": ("str", None, None, None),
+        "train_counts": ("str", None, None, None),
+        "on_train": ("bool", False, None, None),
+        "output_dir": ("str", None, None, None),
+        "batch_size": ("int", 128, None, None),
+    },
+    "export": {
+        "model_dir": ("str", None, None, None),
+        "format": ("enum", "both", ("saved_model", "onnx", "both"), None),
+        "opset": ("int", 17, None, None),
+        "output_dir": ("str", None, None, None),
+        "parity_images": ("str", None, None, None),
+        "recipe": ("enum", None, ("cifar", "imagenet"), None),
+        "top_k": ("int", 5, None, None),
+        "atol": ("float", 0.0001, None, None),
+    },
     "car_tf.dlsa": {
         "model_dir": ("str", None, None, None),
         "output_dir": ("str", None, None, None),
@@ -242,10 +259,14 @@ def _command_flags(command):
     """{name: flag} of ``command``'s flags, defined afresh from its dataclasses, without the data
     flags (DataConfig's, walked by the tests above), and the dataclasses they come from."""
     from car_tf import compare, rebalance, search
+    from car_tf import evaluate as evaluate_cli
     from car_tf.dlsa import __main__ as dlsa_cli
     from car_tf.dlsa.fit import DLSAConfig
+    from export import __main__ as export_cli
 
     module, classes = {
+        "car_tf.evaluate": (evaluate_cli, (evaluate_cli.EvaluateCommand,)),
+        "export": (export_cli, (export_cli.ExportConfig,)),
         "car_tf.dlsa": (dlsa_cli, (dlsa_cli.DLSACommand, DLSAConfig)),
         "car_tf.rebalance": (rebalance, (rebalance.RebalanceCommand, rebalance.RebalanceConfig)),
         "car_tf.compare": (compare, (compare.CompareConfig,)),
@@ -253,7 +274,7 @@ def _command_flags(command):
     }[command]
     values = flags.FlagValues()
     names = module.define_flags(values)
-    own = {name: values[name] for name in values if name not in data_flags.DATA_FLAGS}
+    own = {name: values[name] for name in values if name not in data_flags.DATA_FLAGS + data_flags.GROUP_FLAGS}
     return names, own, classes, values
 
 
@@ -274,7 +295,7 @@ def test_every_commands_flags_are_its_fields_and_keep_the_names_users_type(comma
             assert flag.parser.lower_bound == lower, name
     # The configuration is built from the flags: every default is the field's own.
     required = {name: own[name].parser.enum_values[0] if isinstance(own[name].parser, flags.EnumParser) else "x"
-                for name in ("model_dir", "method") if name in own}
+                for name in ("model_dir", "model", "method") if name in own}
     values(["prog", *(f"--{k}={v}" for k, v in required.items())])
     for cls in classes:
         built = flags_from_config.section_from_flags(cls, values)
