@@ -6,7 +6,7 @@ from car_tf.backend import import_tensorflow
 from car_tf.data.augment import resize_center_crop, resize_to
 from car_tf.data.loading import SMALL_IMAGE_MAX, recipe_for
 from car_tf.data.pipelines import RECIPES
-from car_tf.evaluation.predictors import inference_model
+from car_tf.models.registry import inference_model
 from car_tf.models.lora import merged_copy
 
 tf = import_tensorflow(__name__)

@@ -11,14 +11,15 @@ import numpy as np
 
 from car_tf.data.longtail import GROUPS, class_groups
 from car_tf.losses.cross_entropy import class_ids
-from car_tf.models.registry import features_model
+from car_tf.models.registry import features_model, inference_model
 
 
 def _feature_extractor(model):
-    """A compiled function mapping images to the output of ``model``'s "features" layer."""
+    """A compiled function mapping images to the output of ``model``'s "features" layer (that of
+    its image network inside a training wrapper such as ConCutMix's)."""
     from car_tf.backend import compiled_inference
 
-    return compiled_inference(features_model(model, with_logits=False))
+    return compiled_inference(features_model(inference_model(model), with_logits=False))
 
 
 def decoupled_quantities(model, dataset, class_counts, extractor=None):
@@ -30,6 +31,7 @@ def decoupled_quantities(model, dataset, class_counts, extractor=None):
     "features" layer when not given.
     """
     counts = np.asarray(class_counts)
+    model = inference_model(model)  # a training wrapper's image network
     kernel = np.asarray(keras.ops.convert_to_numpy(model.get_layer("classifier").kernel))
     if kernel.ndim != 2 or kernel.shape[1] != counts.size:
         raise ValueError(

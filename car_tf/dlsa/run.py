@@ -28,9 +28,8 @@ import car_tf.models  # noqa: F401  (registers the backbones' layers before load
 from car_tf.evaluation import metrics, report
 from car_tf.dlsa import cascade
 from car_tf.dlsa.fit import fit_dlsa
-from car_tf.evaluation.predictors import inference_model
 from car_tf.models.feature_cache import cached_features
-from car_tf.models.registry import features_model
+from car_tf.models.registry import features_model, inference_model
 
 
 def _write_json(path, value):

@@ -63,17 +63,6 @@ def load_keras_model(path):
     return keras.saving.load_model(path, compile=False)
 
 
-def inference_model(model):
-    """The image -> logits model inside ``model``: its ``classifier`` sub-model if it has one.
-
-    Training wrappers (ConCutMix's projection head) keep the deployable network as ``classifier``.
-    """
-    import keras
-
-    inner = getattr(model, "classifier", None)
-    return inner if isinstance(inner, keras.Model) else model
-
-
 def _check_images(images, image_size):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -93,6 +82,7 @@ class KerasPredictor:
 
     def __init__(self, model, class_names=None):
         from car_tf.backend import compiled_inference
+        from car_tf.models.registry import inference_model
 
         self.model = inference_model(model)
         shape = self.model.input_shape

@@ -188,6 +188,15 @@ def _ecosystem_model(name, num_classes, input_shape, head, cosine_scale, weights
     return _with_head(images, features, name, num_classes, head, cosine_scale, dropout)
 
 
+def inference_model(model):
+    """The image -> logits model inside ``model``: its ``classifier`` sub-model if it has one.
+
+    Training wrappers (ConCutMix's projection head) keep the deployable network as ``classifier``.
+    """
+    inner = getattr(model, "classifier", None)
+    return inner if isinstance(inner, keras.Model) else model
+
+
 def features_model(model, with_logits=True):
     """A keras.Model on the same inputs returning [features, logits], or the features alone.
 

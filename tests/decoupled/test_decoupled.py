@@ -284,3 +284,24 @@ def test_diagnostics_callback_logs_into_history():
         for name in ("classifier_norm", "feature_norm", "target_cosine"):
             values = history.history[f"dec/{group}/{name}"]
             assert len(values) == 2 and np.all(np.isfinite(values))
+
+
+def test_decoupled_quantities_read_the_image_network_inside_a_concutmix_model():
+    # --method=car --base_loss=decoupled --concutmix: the diagnostics see the ConCutMix wrapper.
+    from car_tf.concutmix.model import ConCutMixModel
+    from concutmix_helpers import tiny_classifier
+
+    keras.utils.set_random_seed(12)
+    inner = tiny_classifier(num_classes=3)
+    counts = [200, 50, 5]
+    wrapper = ConCutMixModel(inner, 3, counts, projection_dim=4, top_k=2)
+    rng = np.random.default_rng(13)
+    images = rng.uniform(0, 255, size=(9, 8, 8, 3)).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.array([0, 1, 2] * 3))).batch(4)
+    assert decoupled_quantities(wrapper, dataset, counts) == decoupled_quantities(inner, dataset, counts)
+    callback = DecoupledDiagnostics(dataset, counts)
+    callback.set_model(wrapper)
+    logs = {}
+    callback.on_epoch_end(0, logs)
+    assert set(logs) == {f"dec/{g}/{n}" for g in ("many", "medium", "few")
+                         for n in ("classifier_norm", "feature_norm", "target_cosine")}

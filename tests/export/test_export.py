@@ -12,7 +12,8 @@ import tensorflow as tf
 from PIL import Image
 
 from car_tf.evaluation.evaluate import evaluate
-from car_tf.evaluation.predictors import OnnxPredictor, SavedModelPredictor, inference_model, load_predictor
+from car_tf.evaluation.predictors import OnnxPredictor, SavedModelPredictor, load_predictor
+from car_tf.models.registry import inference_model
 from export.__main__ import export_run
 from export.onnx_export import check_opset, convert_to_onnx
 from export.parity import ExportParityError, check_parity
