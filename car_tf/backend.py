@@ -1,9 +1,8 @@
 """What the library core needs from the Keras backend beyond ``keras.ops``.
 
-A label check that stops a compiled step, and the replicas a step runs on. TensorFlow is imported
-only under the TensorFlow backend, so ``import car_tf`` under JAX or PyTorch works without it.
-Under JAX, ``keras.distribution.DataParallel`` compiles one program over the global batch, so a
-loss sees every replica's samples and there is nothing to gather.
+A label check that stops a compiled step, TensorFlow's row kernels and compiled inference (the
+replicas a step runs on are car_tf.distribute's). TensorFlow is imported only under the TensorFlow
+backend, so ``import car_tf`` under JAX or PyTorch works without it.
 """
 
 import functools
@@ -111,46 +110,6 @@ class _StepStopFilter(logging.Filter):
 @functools.cache
 def _quiet_jax_callback_log():
     logging.getLogger("jax._src.debugging").addFilter(_StepStopFilter())
-
-
-def replica_count():
-    """Replicas computing the current step in sync, each on its share of the batch (1 outside a
-    TensorFlow replica context and under other backends)."""
-    if not is_tensorflow():
-        return 1
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    return context.num_replicas_in_sync if context is not None else 1
-
-
-def strategy_replica_count():
-    """Replicas of the strategy in scope (1 without one), also outside a replica context."""
-    if not is_tensorflow():
-        return 1
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def replica_id():
-    """This replica's index among those in sync (0 outside a replica context)."""
-    if not is_tensorflow():
-        return 0
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    return context.replica_id_in_sync_group if context is not None else 0
-
-
-def all_gather(values):
-    """A tensor or nest of tensors concatenated along axis 0 over the replicas in sync; with a single
-    replica (or another backend) the values come back unchanged."""
-    if replica_count() == 1:
-        return values
-    import tensorflow as tf
-
-    return tf.distribute.get_replica_context().all_gather(values, axis=0)
 
 
 def read_rows(variable, rows):

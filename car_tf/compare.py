@@ -34,7 +34,7 @@ from car_tf import cli, flags_from_config
 from car_tf.comparison_figures import write_figures
 from car_tf import train  # noqa: F401  (defines train's flags, so they are checked here too)
 from car_tf.training import methods as registered
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 # Row name -> the train flags that select it, and a row -> the row it is paired with (its paired
 # difference's baseline), both from the method registry (car_tf.training.methods.compare_variants):

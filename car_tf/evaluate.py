@@ -25,7 +25,7 @@ from car_tf.data.longtail import check_group_thresholds
 from car_tf.evaluation.evaluate import default_output_dir, evaluate
 from car_tf.evaluation.predictors import RUN_FILE, RUN_MODEL_FILE, ModelNotFoundError, find_run_info, load_predictor
 from car_tf.evaluation.report import format_table
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 
 def parse_train_counts(value):

@@ -1,6 +1,6 @@
 """absl flags made from configuration dataclasses, so that a setting is written once: as a field.
 
-A field ``name: T = setting(default, help=..., ...)`` (car_tf.training.method.setting, or
+A field ``name: T = setting(default, help=..., ...)`` (car_tf.method.setting, or
 ``dataclasses.field(default=..., metadata={"help": ...})``) becomes the flag ``--name`` with that
 default and help text:
 
@@ -54,7 +54,7 @@ def _samplers():
 
 
 def _strategies():
-    from car_tf.training.distribute import STRATEGIES
+    from car_tf.distribute import STRATEGIES
 
     return list(STRATEGIES)
 

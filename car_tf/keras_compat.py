@@ -58,7 +58,7 @@ def build_compiled_state(model, data_batch):
     """Builds the model, its compiled loss and metrics from one (distributed) batch's shapes.
 
     ``fit`` does this itself, except that under MultiWorkerMirroredStrategy (Keras 3.15) its
-    reduction of the first distributed batch fails; car_tf.training.distribute
+    reduction of the first distributed batch fails; car_tf.distribute
     calls this with the first batch instead and then ``skip_fit_build_pass``.
     """
     model._symbolic_build(data_batch=data_batch)

@@ -37,7 +37,7 @@ from car_tf.data.longtail import stratified_split
 from car_tf.evaluation import metrics, report
 from car_tf.evaluation.predictors import load_keras_model, read_run_info
 from car_tf.models.feature_cache import cached_features
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 METHODS = ("crt", "tau_norm", "posthoc_la")
 TAUS = {"tau_norm": np.round(np.arange(0.0, 1.01, 0.1), 2), "posthoc_la": np.round(np.arange(0.0, 2.01, 0.25), 2)}

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from car_tf import cli, compare, flags_from_config
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 NOT_VARIED = ("model_dir", "seed", "validation_fraction", "overwrite")
 DEFAULT_FRACTION = 0.2

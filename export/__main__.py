@@ -15,7 +15,7 @@ import typing
 
 import numpy as np
 
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 FORMATS = ("saved_model", "onnx", "both")
 

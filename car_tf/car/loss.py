@@ -18,7 +18,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from car_tf.backend import all_gather, checked_labels, read, replica_count, stop_unless
+from car_tf.backend import checked_labels, read, stop_unless
+from car_tf.distribute import all_gather, replica_count
 from car_tf.car import confusion, spectral
 from car_tf.car.sparse_state import checked_sparse_entries
 from car_tf.keras_compat import in_symbolic_build

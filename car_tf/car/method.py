@@ -4,7 +4,7 @@ CARCallback (README, "CAR in your own Keras code")."""
 import dataclasses
 from typing import Literal
 
-from car_tf.training.method import Method, Variant, setting
+from car_tf.method import Method, Variant, setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@ around the classifier (its loss: logit-adjusted CE, as released)."""
 
 import dataclasses
 
-from car_tf.training.method import Method, Variant, setting
+from car_tf.method import Method, Variant, setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from car_tf.backend import all_gather, import_tensorflow, replica_count, replica_id, strategy_replica_count
+from car_tf.backend import import_tensorflow
+from car_tf.distribute import all_gather, replica_count, replica_id, strategy_replica_count
 from car_tf.car.carrier import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
 from car_tf.concutmix.rectification import (

@@ -6,7 +6,7 @@ import pathlib
 from absl import flags, logging
 
 from car_tf import flags_from_config
-from car_tf.training.config import DataConfig
+from car_tf.data.config import DataConfig
 
 # The fields of DataConfig that choose and read the data set (every data command has them).
 DATA_FLAGS = (

@@ -1,4 +1,4 @@
-"""Loading a data set's splits as the configuration describes (car_tf.training.config.DataConfig;
+"""Loading a data set's splits as the configuration describes (car_tf.data.config.DataConfig;
 the command lines build one from their flags with car_tf.data.flags)."""
 import dataclasses
 
@@ -31,7 +31,7 @@ def load_datasets(config):
     listed in each split's ``skipped``.
     """
     if not dataclasses.is_dataclass(config):
-        raise TypeError(f"load_datasets takes a DataConfig (car_tf.training.config), not {type(config).__name__}; "
+        raise TypeError(f"load_datasets takes a DataConfig (car_tf.data.config), not {type(config).__name__}; "
                         "a command line builds one with car_tf.data.flags.data_config(FLAGS).")
     name = config.dataset
     common = dict(

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Literal
 
 from car_tf.decoupled import terms
-from car_tf.training.method import Method, setting
+from car_tf.method import Method, setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

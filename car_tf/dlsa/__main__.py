@@ -21,7 +21,7 @@ from car_tf.data.loading import load_datasets  # noqa: E402
 from car_tf.dlsa.fit import DLSAConfig  # noqa: E402
 from car_tf.dlsa.run import run_dlsa  # noqa: E402
 from car_tf.evaluation.predictors import read_run_info  # noqa: E402
-from car_tf.training.method import setting  # noqa: E402
+from car_tf.method import setting  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from car_tf.backend import import_tensorflow
-from car_tf.training.method import setting
+from car_tf.method import setting
 from car_tf.losses.logit_adjusted import logit_adjusted_cross_entropy
 
 tf = import_tensorflow(__name__)

@@ -9,7 +9,7 @@ from car_tf.dlsa import cascade
 from car_tf.dlsa.classifiers import ClassifierTrainingConfig, train_stage_classifier
 from car_tf.dlsa.flow_training import FlowTrainingConfig
 from car_tf.dlsa.routed_classifier import DLSARoutedClassifier
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 
 @dataclasses.dataclass(frozen=True)

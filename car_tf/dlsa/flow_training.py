@@ -30,7 +30,7 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from car_tf.backend import import_tensorflow
-from car_tf.training.method import setting
+from car_tf.method import setting
 
 tf = import_tensorflow(__name__)
 

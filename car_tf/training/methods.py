@@ -1,7 +1,7 @@
 """Training methods by name: what each one adds to the trainer.
 
 A method is a folder (``car/``, ``concutmix/``, ``decoupled/``) whose ``method.py`` defines a
-``Method`` subclass (car_tf.training.method) and an instance of it: its settings dataclass and its
+``Method`` subclass (car_tf.method) and an instance of it: its settings dataclass and its
 hooks. The trainer calls the hooks of the run's active methods in registry order and knows no
 method by name; the command lines take their flags (car_tf.train), their rows (car_tf.compare) and
 the classes a saved model may hold (car_tf.evaluation.predictors) from here.
@@ -16,7 +16,7 @@ import importlib
 import os
 
 from car_tf.losses.registry import BASE_LOSSES
-from car_tf.training.method import Method, Variant
+from car_tf.method import Method, Variant
 
 # The registered methods, in the order their hooks apply: "module:attribute" of each Method.
 METHODS = (
@@ -49,7 +49,7 @@ def load_method(entry):
     method = getattr(module, attribute, None)
     if not isinstance(method, Method) or not method.name or method.settings_class is None:
         raise ValueError(f"{entry} is not a Method instance with a name and a settings_class "
-                         "(car_tf.training.method.Method); point the entry at one.")
+                         "(car_tf.method.Method); point the entry at one.")
     return method
 
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from car_tf import backend
+from car_tf import backend, distribute
 from car_tf.data import feature_streams, recipes, sources, streams
 from car_tf.data.loading import load_datasets
 from car_tf.evaluation.callback import PerClassEvaluation
@@ -28,7 +28,7 @@ from car_tf.evaluation.report import format_table, write_report
 from car_tf.losses.registry import callbacks_for_loss, get_base_loss, length_dependence, required_head
 from car_tf.models import create_model
 from car_tf.models.feature_cache import cached_features, head_model
-from car_tf.training import checkpointing, distribute, methods, optimizers, run_directory, schedules
+from car_tf.training import checkpointing, methods, optimizers, run_directory, schedules
 from car_tf.training import config as run_config
 from car_tf.training.callbacks import NaNGuard
 

@@ -16,7 +16,7 @@ from car_tf import train as train_cli
 from car_tf.data import arrays, feature_streams, pipelines, sampling, sources
 from car_tf.data.sources import LabeledData
 from car_tf.training import checkpointing
-from car_tf.training.config import DataConfig
+from car_tf.data.config import DataConfig
 
 from strategy_helpers import strategies
 from train_helpers import COUNTS, parse, tiny_args

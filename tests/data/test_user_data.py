@@ -180,7 +180,7 @@ def test_a_validation_split_is_carved_from_training_and_the_test_split_is_not_re
     import shutil
 
     from car_tf.data.loading import load_datasets
-    from car_tf.training.config import DataConfig
+    from car_tf.data.config import DataConfig
 
     shutil.copytree(uneven_folder / "train", tmp_path / "train")  # no test/ at all
     config = DataConfig(dataset="folder", data_dir=str(tmp_path), skip_corrupt=True, validation_fraction=0.2)
@@ -195,7 +195,7 @@ def test_a_validation_split_is_carved_from_training_and_the_test_split_is_not_re
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_a_validation_fraction_outside_zero_to_one_is_refused(fraction):
-    from car_tf.training.config import DataConfig
+    from car_tf.data.config import DataConfig
 
     with pytest.raises(ValueError, match="must lie strictly between 0 and 1"):
         DataConfig(validation_fraction=fraction)

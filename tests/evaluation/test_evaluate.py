@@ -254,7 +254,7 @@ def test_thresholds_are_data_settings_and_train_flags(tmp_path):
     from train_helpers import parse, tiny_args
 
     from car_tf import train as train_cli
-    from car_tf.training.config import DataConfig
+    from car_tf.data.config import DataConfig
 
     config = train_cli.config_from_flags(parse(tiny_args(tmp_path, tmp_path / "run", "--many_threshold=30",
                                                          "--few_threshold=10")))

@@ -16,7 +16,7 @@ from car_tf.data import loading
 from car_tf.decoupled.method import DecoupledSettings
 from car_tf.training import config as run_config
 from car_tf.training import methods, trainer
-from car_tf.training.method import Method, setting
+from car_tf.method import Method, setting
 
 # Train's flags before they were made from the fields: name -> (kind, default, choices, lower bound).
 FLAGS_USERS_TYPE = {

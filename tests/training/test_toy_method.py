@@ -20,7 +20,7 @@ import dataclasses
 
 import keras
 
-from car_tf.training.method import Method, Variant, setting
+from car_tf.method import Method, Variant, setting
 
 SCALES = []  # the scales wrap_loss was given, for the test to read
 

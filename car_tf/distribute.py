@@ -1,8 +1,10 @@
-"""The one module that talks to tf.distribute: strategies by name, the cluster, determinism.
+"""The one module that talks to tf.distribute: strategies by name, the cluster, determinism, and
+the replicas a step runs on (what a loss gathers over).
 
 Under another Keras backend there is no strategy and TensorFlow is not imported: under JAX "auto"
-spreads the batch over the devices with keras.distribution.DataParallel when there are several;
-under PyTorch it trains on one device (keras.distribution has no PyTorch implementation).
+spreads the batch over the devices with keras.distribution.DataParallel when there are several
+(one program over the global batch, so a loss sees every replica's samples and there is nothing to
+gather); under PyTorch it trains on one device (keras.distribution has no PyTorch implementation).
 """
 
 import contextlib
@@ -121,3 +123,43 @@ def prepare_for_multi_worker(model, strategy, dataset):
     model.train_step = lambda data: {
         name: tf.reshape(value, [1]) for name, value in train_step(data).items()
     }
+
+
+def replica_count():
+    """Replicas computing the current step in sync, each on its share of the batch (1 outside a
+    TensorFlow replica context and under other backends)."""
+    if not backend.is_tensorflow():
+        return 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
+def strategy_replica_count():
+    """Replicas of the strategy in scope (1 without one), also outside a replica context."""
+    if not backend.is_tensorflow():
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_id():
+    """This replica's index among those in sync (0 outside a replica context)."""
+    if not backend.is_tensorflow():
+        return 0
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context.replica_id_in_sync_group if context is not None else 0
+
+
+def all_gather(values):
+    """A tensor or nest of tensors concatenated along axis 0 over the replicas in sync; with a single
+    replica (or another backend) the values come back unchanged."""
+    if replica_count() == 1:
+        return values
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context().all_gather(values, axis=0)
