@@ -4,6 +4,7 @@ import keras
 
 from car_tf.car.carrier import attach_car_state
 from car_tf.car.loss import CARLoss
+from car_tf.car.settings import CARSettings
 
 
 class CARCallback(keras.callbacks.Callback):
@@ -26,7 +27,7 @@ class CARCallback(keras.callbacks.Callback):
         lambda_warmup_epochs: epochs of linear lambda ramp-up.
     """
 
-    def __init__(self, loss=None, lambda_warmup_epochs=0):
+    def __init__(self, loss=None, lambda_warmup_epochs=CARSettings.lambda_warmup_epochs):
         super().__init__()
         self.loss = loss
         self.lambda_warmup_epochs = int(lambda_warmup_epochs)

@@ -21,6 +21,7 @@ from keras import ops
 from car_tf.backend import checked_labels, read, stop_unless
 from car_tf.distribute import all_gather, replica_count
 from car_tf.car import confusion, spectral
+from car_tf.car.settings import CARSettings
 from car_tf.car.sparse_state import checked_sparse_entries
 from car_tf.keras_compat import in_symbolic_build
 from car_tf.losses.cross_entropy import checked_class_counts
@@ -87,18 +88,18 @@ class CARLoss(keras.losses.Loss):
         class_counts,
         base="ce",
         base_kwargs=None,
-        spec_lambda=0.3,
-        beta=0.9,
-        r0=0.2,
-        count_based_weights=False,
-        temperature=1.0,
-        margin=0.0,
-        differentiable_gate=False,
-        ema_init="first_batch",
-        spectral_method="auto",
+        spec_lambda=CARSettings.spec_lambda,
+        beta=CARSettings.spec_beta,
+        r0=CARSettings.spec_r0,
+        count_based_weights=CARSettings.spec_count_weights,
+        temperature=CARSettings.spec_temp,
+        margin=CARSettings.spec_margin,
+        differentiable_gate=CARSettings.spec_differentiable_gate,
+        ema_init=CARSettings.spec_ema_init,
+        spectral_method=CARSettings.spectral_method,
         svd_max_classes=spectral.SVD_MAX_CLASSES,
-        power_iterations=20,
-        power_tolerance=spectral.POWER_TOLERANCE,
+        power_iterations=CARSettings.power_iterations,
+        power_tolerance=CARSettings.power_tolerance,
         label_classes=2,
         sparse_ema_entries=None,
         name="car_loss",

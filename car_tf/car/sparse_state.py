@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from car_tf.backend import read, read_rows, widest_float, write_rows
+from car_tf.car.settings import CARSettings
 from car_tf.car.state import CARState, first_for_padding
 
 
@@ -38,7 +39,7 @@ class SparseCARState(CARState):
     """CARState whose EMA keeps each true class's ``sparse_entries`` largest confusions and the
     mass of the others, spread evenly (see the module's docstring)."""
 
-    def __init__(self, num_classes, sparse_entries, spec_lambda=0.3, **kwargs):
+    def __init__(self, num_classes, sparse_entries, spec_lambda=CARSettings.spec_lambda, **kwargs):
         self.sparse_entries = checked_sparse_entries(sparse_entries, num_classes)
         super().__init__(num_classes, spec_lambda=spec_lambda, **kwargs)
 

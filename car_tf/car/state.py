@@ -15,6 +15,7 @@ from keras import ops
 
 from car_tf.backend import is_tensorflow, read_rows, widest_float, write_rows
 from car_tf.car import spectral
+from car_tf.car.settings import CARSettings
 
 ATTRIBUTE = "car_state"
 
@@ -29,7 +30,7 @@ class CARState(keras.layers.Layer):
 
     sparse_entries = None  # columns stored dense (SparseCARState: their largest entries)
 
-    def __init__(self, num_classes, spec_lambda=0.3, **kwargs):
+    def __init__(self, num_classes, spec_lambda=CARSettings.spec_lambda, **kwargs):
         super().__init__(trainable=False, **kwargs)
         self.num_classes = int(num_classes)
         self.initial_lambda = float(spec_lambda)

@@ -3,6 +3,7 @@ around the classifier (its loss: logit-adjusted CE, as released)."""
 
 import dataclasses
 
+from car_tf.concutmix.released import CIFAR
 from car_tf.method import Method, Variant, setting
 
 
@@ -11,14 +12,14 @@ class ConCutMixSettings:
     """The released CIFAR-LT values (README, "Other methods"); ConCutMix is Pan et al., TIP 2024,
     arXiv 2407.04911."""
 
-    ccm_alpha: float = setting(2.0, help="Weight of the classification term.")
-    ccm_beta: float = setting(0.6, help="Weight of the balanced contrastive term.")
-    ccm_temperature: float = setting(0.1, help="Contrastive temperature.")
-    ccm_top_k: int = setting(30, help="Nearest prototypes in the semantic label.")
-    ccm_omega: float = setting(20 / 255, help="Rectification strength omega.")
-    ccm_l_d_warm: int = setting(100, help="Epochs before label rectification starts.")
-    ccm_projection_dim: int = setting(128, help="Projection-head output size.")
-    ccm_cutmix_prob: float = setting(0.5, help="Probability that a batch is mixed.")
+    ccm_alpha: float = setting(CIFAR["alpha"], help="Weight of the classification term.")
+    ccm_beta: float = setting(CIFAR["beta"], help="Weight of the balanced contrastive term.")
+    ccm_temperature: float = setting(CIFAR["temperature"], help="Contrastive temperature.")
+    ccm_top_k: int = setting(CIFAR["top_k"], help="Nearest prototypes in the semantic label.")
+    ccm_omega: float = setting(CIFAR["omega"], help="Rectification strength omega.")
+    ccm_l_d_warm: int = setting(CIFAR["l_d_warm"], help="Epochs before label rectification starts.")
+    ccm_projection_dim: int = setting(CIFAR["projection_dim"], help="Projection-head output size.")
+    ccm_cutmix_prob: float = setting(CIFAR["cutmix_prob"], help="Probability that a batch is mixed.")
 
 
 class ConCutMixMethod(Method):

@@ -7,6 +7,7 @@ from car_tf.backend import import_tensorflow
 from car_tf.distribute import all_gather, replica_count, replica_id, strategy_replica_count
 from car_tf.car.carrier import CarriesCARState
 from car_tf.concutmix.contrastive import balanced_contrastive_loss
+from car_tf.concutmix.released import CIFAR
 from car_tf.concutmix.rectification import (
     class_prototypes,
     rectification_weight,
@@ -82,14 +83,14 @@ class ConCutMixModel(CarriesCARState, keras.Model):
         classifier,
         num_classes,
         class_counts,
-        projection_dim=128,
+        projection_dim=CIFAR["projection_dim"],
         hidden_dim=None,
-        alpha=2.0,
-        beta=0.6,
-        temperature=0.1,
-        top_k=30,
-        omega=20 / 255,
-        l_d_warm=100,
+        alpha=CIFAR["alpha"],
+        beta=CIFAR["beta"],
+        temperature=CIFAR["temperature"],
+        top_k=CIFAR["top_k"],
+        omega=CIFAR["omega"],
+        l_d_warm=CIFAR["l_d_warm"],
         **kwargs,
     ):
         super().__init__(**kwargs)

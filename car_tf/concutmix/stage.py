@@ -33,6 +33,7 @@ import numpy as np
 
 from car_tf.backend import import_tensorflow
 from car_tf.concutmix.cutmix import area_labels, cutmix_box, paste_box
+from car_tf.concutmix.released import CIFAR
 from car_tf.data import augment as augment_ops
 from car_tf.data import pipelines
 
@@ -89,7 +90,7 @@ def concutmix_batch(
     balanced_labels,
     view_augment,
     partner_augment=None,
-    cutmix_prob=0.5,
+    cutmix_prob=CIFAR["cutmix_prob"],
 ):
     """The stage applied to one batch: see the module docstring for the returned dict.
 
@@ -192,7 +193,7 @@ def concutmix_stage(
     seed,
     view_augment,
     partner_augment=None,
-    cutmix_prob=0.5,
+    cutmix_prob=CIFAR["cutmix_prob"],
     start_epoch=0,
     steps_per_epoch=None,
     image_size=None,

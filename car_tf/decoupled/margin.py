@@ -25,6 +25,8 @@ from keras import ops
 
 from car_tf.losses.cross_entropy import num_classes_of, soft_cross_entropy, target_distribution
 
+DEFAULT_MARGIN = 0.2  # additive angular margin m (--arc_margin)
+
 # cos(theta) is clipped to [-1 + COS_EPS, 1 - COS_EPS]: |d sin / d cos| stays below about 700.
 COS_EPS = 1e-6
 
@@ -47,7 +49,7 @@ class DecoupledMarginLoss(keras.losses.Loss):
         margin: m, the additive angular margin in radians; 0.2 by default.
     """
 
-    def __init__(self, scale=30.0, margin=0.2, name="decoupled_margin", **kwargs):
+    def __init__(self, scale=30.0, margin=DEFAULT_MARGIN, name="decoupled_margin", **kwargs):
         super().__init__(name=name, **kwargs)
         if scale <= 0 or not 0.0 <= margin < math.pi / 2:
             raise ValueError(

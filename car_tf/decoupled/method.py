@@ -4,7 +4,7 @@ per-group diagnostics (README, "Other methods")."""
 import dataclasses
 from typing import Literal
 
-from car_tf.decoupled import terms
+from car_tf.decoupled import margin, terms
 from car_tf.method import Method, setting
 
 
@@ -12,7 +12,7 @@ from car_tf.method import Method, setting
 class DecoupledSettings:
     """Weights and forms of the three terms (canonical forms; see car_tf.decoupled.terms)."""
 
-    arc_margin: float = setting(0.2, help="Additive angular margin m of the decoupled loss.")
+    arc_margin: float = setting(margin.DEFAULT_MARGIN, help="Additive angular margin m of the decoupled loss.")
     uniformity_weight: float = setting(
         terms.DEFAULT_UNIFORMITY_WEIGHT, help="Weight of the hyperspherical-uniformity term (decoupled loss).")
     uniformity: Literal["mhe", "gaussian"] = setting("mhe", help="Uniformity term: energy or Gaussian potential.")

@@ -572,3 +572,36 @@ def test_a_bad_plugin_entry_is_one_sentence(entry, message, monkeypatch):
         return
     with pytest.raises(ValueError, match=message):
         methods.registry()
+
+
+def test_the_library_classes_take_their_defaults_from_the_settings():
+    import inspect
+
+    from car_tf.car import CARCallback, CARLoss, CARState, SparseCARState
+    from car_tf.concutmix.model import ConCutMixModel
+    from car_tf.concutmix.stage import concutmix_stage
+    from car_tf.decoupled.margin import DecoupledMarginLoss
+    from car_tf.decoupled.terms import attach_decoupled_terms
+
+    def defaults(function):
+        return {k: p.default for k, p in inspect.signature(function).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    car, ccm, dec = CARSettings(), ConCutMixSettings(), DecoupledSettings()
+    loss = defaults(CARLoss.__init__)
+    assert {k: loss[k] for k in ("spec_lambda", "beta", "r0", "temperature", "margin", "power_iterations",
+                                 "power_tolerance", "ema_init", "spectral_method")} == {
+        "spec_lambda": car.spec_lambda, "beta": car.spec_beta, "r0": car.spec_r0, "temperature": car.spec_temp,
+        "margin": car.spec_margin, "power_iterations": car.power_iterations, "power_tolerance": car.power_tolerance,
+        "ema_init": car.spec_ema_init, "spectral_method": car.spectral_method}
+    assert defaults(CARState.__init__)["spec_lambda"] == defaults(SparseCARState.__init__)["spec_lambda"] == car.spec_lambda
+    assert defaults(CARCallback.__init__)["lambda_warmup_epochs"] == car.lambda_warmup_epochs
+    model = defaults(ConCutMixModel.__init__)
+    assert {k: model[k] for k in ("alpha", "beta", "temperature", "top_k", "omega", "l_d_warm", "projection_dim")} == {
+        k: getattr(ccm, f"ccm_{k}") for k in ("alpha", "beta", "temperature", "top_k", "omega", "l_d_warm",
+                                              "projection_dim")}
+    assert defaults(concutmix_stage)["cutmix_prob"] == ccm.ccm_cutmix_prob
+    assert defaults(DecoupledMarginLoss.__init__)["margin"] == dec.arc_margin
+    terms = defaults(attach_decoupled_terms)
+    assert (terms["uniformity_weight"], terms["feature_norm_weight"], terms["target_norm"]) == (
+        dec.uniformity_weight, dec.feature_norm_weight, dec.target_norm)
