@@ -122,7 +122,7 @@ def leaves(cls):
 
 
 def _origin(cls, field, annotation):
-    """(kind, optional, values): kind is bool, int, float, str, "enum" or "list"."""
+    """(kind, optional, values): kind is bool, int, float, str, "enum", "list" or "repeated"."""
     optional = False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)

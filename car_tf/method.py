@@ -10,9 +10,11 @@ import dataclasses
 
 def setting(default=dataclasses.MISSING, *, help, **metadata):
     """A configuration dataclass field with its flag's help text (and, in ``metadata``, its
-    ``lower_bound`` / ``upper_bound`` or ``choices``): ``spec_lambda: float = setting(0.3, help=...)``.
+    ``lower_bound`` / ``upper_bound``, ``choices``, ``repeated`` or ``flag``):
+    ``spec_lambda: float = setting(0.3, help=...)``.
 
-    The field's name is its flag's name and its default the flag's default (car_tf.flags_from_config).
+    The field's name is its flag's name (``flag="..."`` names another) and its default the flag's
+    default (car_tf.flags_from_config).
     """
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
