@@ -304,10 +304,10 @@ class Runner:
 def main(argv):
     del argv
     config = flags_from_config.section_from_flags(CompareConfig, FLAGS)
-    output_dir = checked_output_dir(config.output_dir, FLAGS)
     methods, seeds = checked_choice(config.methods, config.seeds)
-    runner = Runner(output_dir, train_arguments(sys.argv[1:]), per_method_flags(config.method_flags, methods),
-                    config.dlsa_flags)
+    method_flags = per_method_flags(config.method_flags, methods)
+    output_dir = checked_output_dir(config.output_dir, FLAGS)  # made once the rest is checked
+    runner = Runner(output_dir, train_arguments(sys.argv[1:]), method_flags, config.dlsa_flags)
     total = len(methods) * len(seeds)
     for index, (seed, method) in enumerate((s, m) for s in seeds for m in methods):
         prefix = f"[{index + 1}/{total}] "

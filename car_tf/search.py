@@ -120,12 +120,12 @@ def validation_fraction(argv):
 def main(argv):
     del argv
     config = flags_from_config.section_from_flags(SearchConfig, FLAGS)
-    output_dir = compare.checked_output_dir(config.output_dir, FLAGS)
     fraction = validation_fraction(sys.argv[1:])
     found = candidates(config.vary, FLAGS)
     labels = [label for label, _ in found]
     seeds = compare.checked_seeds(config.seeds)
     confirm_seeds = compare.checked_seeds(config.confirm_seeds, "confirm_seeds") if config.confirm_seeds else []
+    output_dir = compare.checked_output_dir(config.output_dir, FLAGS)  # made once the rest is checked
     runner = compare.Runner(output_dir, compare.train_arguments(sys.argv[1:], OWN_FLAGS))
 
     for seed in seeds:

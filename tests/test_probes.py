@@ -750,3 +750,17 @@ def test_report_of_a_model_whose_logits_overflowed_gives_a_finite_ece_and_says_w
             "overflow under --mixed_precision=mixed_float16")
     assert any(n.startswith(note) for n in report["notes"])
     assert f"note: {note}" in report_module.format_table(report)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("car_tf.compare", ["--methods=nope"], "names no known method"),
+    ("car_tf.compare", ["--method_flags=x"], "--method_flags=x must read METHOD:--flag=value"),
+    ("car_tf.search", ["--seeds=a"], "--seeds=a must be whole numbers"),
+    ("car_tf.search", ["--vary=lr"], "--vary=lr must name a train flag and its values"),
+])
+def test_a_comparison_or_search_refused_for_its_own_flags_creates_no_output_directory(tmp_path, module, args,
+                                                                                     message):
+    where = tmp_path / "runs"
+    done = run(module, *args, f"--output_dir={where}")
+    assert done.returncode == 2 and message in last_line(done.stderr), done.stderr[-2000:]
+    assert not where.exists()
