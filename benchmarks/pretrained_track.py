@@ -18,7 +18,7 @@ EfficientNet-Lite0 ImageNet features of CIFAR-10-LT, settings chosen on validati
    settings (OUTPUT_DIR/if100_same_settings) and CE at CAR's learning rate (OUTPUT_DIR/if100_lr05).
 4. Partial fine-tuning from images (launch/cifar10_lt_partial_ft_effnet.flags, ``--ft_seeds``):
    CE, CAR and their logit-adjusted forms at the flagfile's settings, all alike (no search: a run
-   takes about 7 minutes here).
+   takes about 5 minutes here).
 
 Every step resumes: rerun the command after an interruption.
 """
