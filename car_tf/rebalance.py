@@ -31,7 +31,7 @@ from absl import flags, logging
 from car_tf import cli, flags_from_config
 
 from car_tf.data import sampling
-from car_tf.data.flags import base_run_data_flags, define_data_flags
+from car_tf.data.flags import PostHocRun, base_run_data_flags, define_posthoc_flags
 from car_tf.data.loading import VALIDATION_SEED, load_datasets
 from car_tf.data.longtail import stratified_split
 from car_tf.evaluation import metrics, report
@@ -58,19 +58,9 @@ class RebalanceConfig:
     seed: int = setting(0, help="Seed of cRT's initialisation and sampling.")
 
 
-@dataclasses.dataclass(frozen=True)
-class RebalanceCommand:
-    """This command's own flags besides RebalanceConfig's and the data flags."""
-
-    model_dir: str = setting(help="Run directory of the finished run (run.json, model.keras).")
-    output_dir: str | None = setting(None, help="Where the new run directory goes; default MODEL_DIR/<method>.")
-    progress: bool = setting(True, help="Show the feature extraction's progress bar.")
-
-
 def define_flags(flag_values=flags.FLAGS):
-    define_data_flags(flag_values)
-    return flags_from_config.define_flags(RebalanceCommand, RebalanceConfig, flag_values=flag_values,
-                                          module_name=flags_from_config.calling_module())
+    """Defines this command's flags: the data flags, PostHocRun's and RebalanceConfig's fields."""
+    return define_posthoc_flags(RebalanceConfig, flag_values)
 
 
 FLAGS = flags.FLAGS
@@ -191,7 +181,7 @@ def rebalance(model_dir, output_dir, config, data_config, progress=True):
 
 def main(argv):
     del argv
-    command = flags_from_config.section_from_flags(RebalanceCommand, FLAGS)
+    command = flags_from_config.section_from_flags(PostHocRun, FLAGS)
     config = flags_from_config.section_from_flags(RebalanceConfig, FLAGS)
     model_dir = pathlib.Path(command.model_dir)
     if not (model_dir / "model.keras").is_file():

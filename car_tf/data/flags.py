@@ -1,5 +1,6 @@
 """The data flags shared by the command lines (train, evaluate, dlsa, rebalance), made from
-DataConfig's fields (car_tf.flags_from_config), and the DataConfig they describe."""
+DataConfig's fields (car_tf.flags_from_config), the DataConfig they describe, and the flags of the
+post-hoc commands that write a new run from a finished one (dlsa, rebalance)."""
 import dataclasses
 import pathlib
 
@@ -7,6 +8,7 @@ from absl import flags, logging
 
 from car_tf import flags_from_config
 from car_tf.data.config import DataConfig
+from car_tf.method import setting
 
 # The fields of DataConfig that choose and read the data set (every data command has them).
 DATA_FLAGS = (
@@ -21,6 +23,24 @@ def define_data_flags(flag_values=flags.FLAGS):
     """Defines the data flags (DATA_FLAGS) once; calling it again is a no-op."""
     flags_from_config.define_flags(DataConfig, flag_values=flag_values, only=DATA_FLAGS,
                                    module_name=flags_from_config.calling_module(skip=(__name__,)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PostHocRun:
+    """The flags of a post-hoc command besides its method's settings and the data flags."""
+
+    model_dir: str = setting(help="Run directory of the finished run (run.json, model.keras).")
+    output_dir: str | None = setting(
+        None, help="Where the new run directory goes; default MODEL_DIR/<stage> (dlsa, crt, tau_norm, posthoc_la).")
+    progress: bool = setting(True, help="Show progress bars.")
+
+
+def define_posthoc_flags(settings_class, flag_values=flags.FLAGS):
+    """Defines a post-hoc command's flags: the data flags, PostHocRun's and ``settings_class``'s
+    fields; returns the names of the last two."""
+    define_data_flags(flag_values)
+    return flags_from_config.define_flags(PostHocRun, settings_class, flag_values=flag_values,
+                                          module_name=flags_from_config.calling_module(skip=(__name__,)))
 
 
 def define_group_flags(flag_values=flags.FLAGS):

@@ -8,7 +8,6 @@ the shared feature cache (or extracts and caches them), trains the flow cascade 
 car_tf/dlsa/run.py) that ``python -m car_tf.evaluate --model=OUTPUT_DIR`` reads like any other.
 """
 
-import dataclasses
 import pathlib
 
 from absl import flags, logging
@@ -16,28 +15,16 @@ from absl import flags, logging
 from car_tf import cli, flags_from_config
 
 cli.refuse_other_backends("car_tf.dlsa")  # before the modules below, which import TensorFlow
-from car_tf.data.flags import base_run_data_flags, define_data_flags  # noqa: E402
+from car_tf.data.flags import PostHocRun, base_run_data_flags, define_posthoc_flags  # noqa: E402
 from car_tf.data.loading import load_datasets  # noqa: E402
 from car_tf.dlsa.fit import DLSAConfig  # noqa: E402
 from car_tf.dlsa.run import run_dlsa  # noqa: E402
 from car_tf.evaluation.predictors import read_run_info  # noqa: E402
-from car_tf.method import setting  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class DLSACommand:
-    """This command's own flags; DLSA's settings are DLSAConfig's, the data flags DataConfig's."""
-
-    model_dir: str = setting(help="Run directory of the trained base model (run.json, model.keras).")
-    output_dir: str | None = setting(None, help="Where the DLSA run directory goes; default MODEL_DIR/dlsa.")
-    progress: bool = setting(True, help="Show progress bars.")
 
 
 def define_flags(flag_values=flags.FLAGS):
-    """Defines this command's flags: the data flags, DLSACommand's and DLSAConfig's fields."""
-    define_data_flags(flag_values)
-    return flags_from_config.define_flags(DLSACommand, DLSAConfig, flag_values=flag_values,
-                                          module_name=flags_from_config.calling_module())
+    """Defines this command's flags: the data flags, PostHocRun's and DLSAConfig's fields."""
+    return define_posthoc_flags(DLSAConfig, flag_values)
 
 
 FLAGS = flags.FLAGS
@@ -45,7 +32,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    command = flags_from_config.section_from_flags(DLSACommand, FLAGS)
+    command = flags_from_config.section_from_flags(PostHocRun, FLAGS)
     config = flags_from_config.section_from_flags(DLSAConfig, FLAGS)
     model_dir = pathlib.Path(command.model_dir)
     run_info = read_run_info(model_dir)

@@ -267,8 +267,8 @@ def _command_flags(command):
     module, classes = {
         "car_tf.evaluate": (evaluate_cli, (evaluate_cli.EvaluateCommand,)),
         "export": (export_cli, (export_cli.ExportConfig,)),
-        "car_tf.dlsa": (dlsa_cli, (dlsa_cli.DLSACommand, DLSAConfig)),
-        "car_tf.rebalance": (rebalance, (rebalance.RebalanceCommand, rebalance.RebalanceConfig)),
+        "car_tf.dlsa": (dlsa_cli, (data_flags.PostHocRun, DLSAConfig)),
+        "car_tf.rebalance": (rebalance, (data_flags.PostHocRun, rebalance.RebalanceConfig)),
         "car_tf.compare": (compare, (compare.CompareConfig,)),
         "car_tf.search": (search, (search.SearchConfig,)),
     }[command]
