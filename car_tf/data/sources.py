@@ -387,22 +387,51 @@ def decode_into_memory(data):
     """The same images decoded once into a uint8 array (all must share one size, as CIFAR's do).
 
     Small data sets then cost no JPEG decoding per epoch (CIFAR-10-LT: 12,406 images, 38 MB).
-    TensorFlow decodes under its backend; elsewhere PIL does, with the same libjpeg integer DCT
-    (car_tf.data.pipelines.decode_image), so both see the same pixels.
+    TensorFlow decodes under its backend, in a parallel tf.data map (about 3 times faster than one
+    by one here); elsewhere PIL does, with the same libjpeg integer DCT
+    (car_tf.data.pipelines.decode_image), so both see the same pixels. Where the parallel map fails
+    (an undecodable file, images of different sizes), the one-by-one pass names the culprit.
     """
     if data.images is not None:
         return data
+    images = _tf_decode_all(data.paths) if backend.is_tensorflow() else None
+    if images is None:
+        images = _decode_one_by_one(data.paths)
+    return LabeledData(images=images, labels=data.labels, class_names=data.class_names,
+                       skipped=data.skipped)
+
+
+def _tf_decode_all(paths):
+    """uint8 [N, H, W, 3] of ``paths`` in order, or None where a file fails or sizes differ."""
+    import tensorflow as tf
+
+    from car_tf.data.pipelines import decode_image
+
+    images = (tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=str))
+              .map(lambda path: decode_image(tf.io.read_file(path)),
+                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .batch(1024))  # batching images of different sizes fails here
+    try:
+        return np.concatenate(list(images.as_numpy_iterator()))
+    except tf.errors.OpError:
+        return None
+
+
+def _decode_one_by_one(paths):
+    """Decodes ``paths`` in turn, raising the sentence that names the first bad file."""
     decode = _tf_decode() if backend.is_tensorflow() else _pil_decode
     images = []
-    for path in data.paths:
+    for path in paths:
         try:
             images.append(decode(path))
         except Exception:  # TensorFlow's OpError or PIL's OSError / SyntaxError / ValueError
             raise ValueError(f"Image {path} cannot be decoded; replace or remove the file.") from None
-    if len({image.shape for image in images}) > 1:
-        raise ValueError(f"Images under {os.path.dirname(data.paths[0])} differ in size; resize them to one size.")
-    return LabeledData(images=np.stack(images), labels=data.labels, class_names=data.class_names,
-                       skipped=data.skipped)
+    odd = [i for i, image in enumerate(images) if image.shape != images[0].shape]
+    if odd:
+        (height, width), (first_height, first_width) = images[odd[0]].shape[:2], images[0].shape[:2]
+        raise ValueError(f"Image {paths[odd[0]]} is {height}x{width} pixels, unlike {paths[0]} "
+                         f"({first_height}x{first_width}); resize the images to one size.")
+    return np.stack(images)
 
 
 def _tf_decode():

@@ -240,6 +240,22 @@ def test_cifar10_from_tarball_unpacks_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in data_dir.iterdir()) == ["cifar10-jpg", "cifar10-jpg.tar.gz"]
 
 
+def test_cifar_tree_with_a_bad_image_is_refused_naming_it(tmp_path):
+    # The parallel decode fails as a whole; the error still names the file, in one sentence.
+    make_folder(tmp_path / "cifar10" / "train", [6] * 10)
+    make_folder(tmp_path / "cifar10" / "test", [2] * 10)
+    broken = tmp_path / "cifar10" / "train" / "class_3" / "004.jpg"
+    broken.write_bytes(TINY_JPEG[:40])
+    with pytest.raises(ValueError, match=f"^Image {broken} cannot be decoded; replace or remove the file.$"):
+        sources.load_dataset("cifar10", "train", data_dir=tmp_path)
+    broken.write_bytes(tf.io.encode_jpeg(tf.zeros([5, 4, 3], tf.uint8)).numpy())
+    first = tmp_path / "cifar10" / "train" / "class_0" / "000.jpg"
+    with pytest.raises(ValueError, match=f"^Image {broken} is 5x4 pixels, unlike {first} \\(4x4\\); resize"):
+        sources.load_dataset("cifar10", "train", data_dir=tmp_path)
+    test = sources.load_dataset("cifar10", "test", data_dir=tmp_path)
+    assert test.images.shape == (20, 4, 4, 3) and test.paths is None
+
+
 def test_tarball_in_read_only_folder_goes_to_cache(tmp_path, monkeypatch):
     make_folder(tmp_path / "tree" / "train", [2, 2])
     make_folder(tmp_path / "tree" / "test", [1, 1])
